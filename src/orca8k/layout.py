@@ -1,0 +1,136 @@
+"""Where each stage reads and writes: the one place that names the files inside the `paths:` folders.
+
+`dvc.yaml` spells the same files with `${paths.*}` templating; `tests/test_dvc_contract.py` renders dvc.yaml
+against params.yaml and checks every dep/out below is declared there, so the two cannot drift apart.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from orca8k.config import Config
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Absolute paths of every input and output, derived from `cfg.paths`."""
+
+    root: Path
+    data: Path
+    mix: Path
+    validation: Path
+    base: Path
+    tokenized: Path
+    model: Path
+    checkpoints: Path
+    metrics: Path
+    reports: Path
+
+    @classmethod
+    def from_config(cls, cfg: Config) -> Layout:
+        p = cfg.paths
+        return cls(**{name: p.resolve(name) for name in type(p).model_fields})
+
+    # mix
+    @property
+    def mix_train(self) -> Path:
+        return self.mix / "train.parquet"
+
+    @property
+    def mix_val(self) -> Path:
+        return self.mix / "val.parquet"
+
+    @property
+    def mix_manifest(self) -> Path:
+        return self.mix / "manifest.json"
+
+    @property
+    def mix_quarantine(self) -> Path:
+        return self.mix / "quarantine.jsonl"
+
+    @property
+    def mix_metrics(self) -> Path:
+        return self.metrics / "mix.json"
+
+    # validate
+    @property
+    def validation_result(self) -> Path:
+        return self.validation / "result.json"
+
+    @property
+    def data_docs(self) -> Path:
+        return self.validation / "data_docs"
+
+    # tokenize
+    @property
+    def tokenized_train(self) -> Path:
+        return self.tokenized / "train"
+
+    @property
+    def tokenized_val(self) -> Path:
+        return self.tokenized / "val"
+
+    @property
+    def tokenizer(self) -> Path:
+        """The fine-tuning tokenizer (base tokenizer + OA special tokens + chat template)."""
+        return self.tokenized / "tokenizer"
+
+    @property
+    def token_validation(self) -> Path:
+        return self.tokenized / "validation"
+
+    @property
+    def tokenize_metrics(self) -> Path:
+        return self.metrics / "tokenize.json"
+
+    # train
+    @property
+    def train_run(self) -> Path:
+        """JSON with the MLflow run id that `train` created; later stages re-attach to it."""
+        return self.metrics / "mlflow_run.json"
+
+    @property
+    def checkpoint_run(self) -> Path:
+        """The same run id beside the checkpoints (persisted), so a resumed `train` re-attaches to its run."""
+        return self.checkpoints / "mlflow_run.json"
+
+    @property
+    def train_metrics(self) -> Path:
+        return self.metrics / "train.json"
+
+    # evaluate
+    @property
+    def eval_metrics(self) -> Path:
+        return self.metrics / "eval.json"
+
+    @property
+    def ppl_vs_context(self) -> Path:
+        """Plot table: one row per (model, context_length)."""
+        return self.metrics / "ppl_vs_context.json"
+
+    @property
+    def passkey(self) -> Path:
+        """Plot table: one row per (context_length, depth)."""
+        return self.metrics / "passkey.json"
+
+    @property
+    def eval_reports(self) -> Path:
+        return self.reports / "eval"
+
+    # sampling-report
+    @property
+    def sampling_reports(self) -> Path:
+        return self.reports / "sampling"
+
+    # register
+    @property
+    def register_metrics(self) -> Path:
+        return self.metrics / "register.json"
+
+    @property
+    def register_reports(self) -> Path:
+        return self.reports / "register"
+
+    def __str__(self) -> str:  # pragma: no cover - debugging aid
+        return "\n".join(f"{k}: {v}" for k, v in self.__dict__.items())

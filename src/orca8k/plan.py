@@ -179,7 +179,7 @@ def _supervised_share(layout: Layout) -> float | None:
 
 def _warnings(cfg: Config) -> list[str]:
     out = []
-    revs = {f"base.revision": cfg.base.revision} if cfg.base.model_name_or_path else {}
+    revs = {"base.revision": cfg.base.revision} if cfg.base.model_name_or_path else {}
     for name, src in cfg.data.sources.items():
         if src.hub is not None:
             revs[f"data.sources.{name}.hub.revision"] = src.hub.revision

@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from orca8k.errors import StageInputMissing
-from orca8k.model.rope import apply_rope_scaling
+from orca8k.model.rope import apply_rope_scaling, rope_scaling_of
 
 if TYPE_CHECKING:
     import torch
@@ -33,7 +33,7 @@ def torch_dtype(name: str | None) -> torch.dtype:
 def load_causal_lm(
     path: str | Path,
     *,
-    rope_scaling: RopeScalingConfig | None | str = KEEP,
+    rope_scaling: RopeScalingConfig | dict[str, Any] | None | str = KEEP,
     native_context: int | None = None,
     dtype: str | None = "fp32",
     attn_implementation: str = "sdpa",
@@ -44,15 +44,23 @@ def load_causal_lm(
 
     Args:
         path: a local model dir (safetensors) or a hub id.
-        rope_scaling: `KEEP` (the saved settings), None (plain RoPE: the unscaled base), or the scaling to apply.
-        native_context: written to `max_position_embeddings` when scaling is applied (see `orca8k.model.rope`).
+        rope_scaling: `KEEP` (the saved settings), None (plain RoPE: the unscaled base), or the scaling to apply
+            (a `RopeScalingConfig` or a dict in either spelling, `type` or `rope_type`). It is written into the
+            config before the weights load (`orca8k.model.rope.apply_rope_scaling`).
+        native_context: written to `max_position_embeddings` when scaling is applied (see `orca8k.model.rope`);
+            None keeps the saved value, which is the native context under this project's convention.
         dtype: fp32 | fp16 | bf16.
         attn_implementation: sdpa | eager | flash_attention_2.
         revision: pinned hub revision.
         device: move the model there (None: leave on CPU).
 
+    Returns:
+        The model (eval mode, as `from_pretrained` leaves it), weights in `dtype`.
+
     Raises:
         StageInputMissing: a local path without `config.json`.
+        ConfigError: an invalid `rope_scaling` (missing factor, factor < 1, unknown type).
+        ValueError: `rope_scaling` differs from a scaling the saved config already carries (no double scaling).
     """
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -60,11 +68,8 @@ def load_causal_lm(
     if (local.is_absolute() or str(path).startswith(".")) and not (local / "config.json").is_file():
         raise StageInputMissing(f"{local}: no config.json (is the upstream stage done?)")
     config = AutoConfig.from_pretrained(str(path), revision=revision, trust_remote_code=False)
-    if rope_scaling != KEEP:
-        if rope_scaling is None:
-            config.rope_parameters = {"rope_type": "default", "rope_theta": _theta(config)}
-        else:
-            apply_rope_scaling(config, rope_scaling, native_context)
+    if not (isinstance(rope_scaling, str) and rope_scaling == KEEP):
+        apply_rope_scaling(config, rope_scaling, native_context)
     model = AutoModelForCausalLM.from_pretrained(
         str(path),
         config=config,
@@ -77,12 +82,6 @@ def load_causal_lm(
     if device is not None:
         model = model.to(device)
     return model
-
-
-def _theta(config: Any) -> float:
-    from orca8k.model.rope import rope_theta_of
-
-    return rope_theta_of(config)
 
 
 def resize_embeddings(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, multiple: int) -> int:
@@ -99,9 +98,20 @@ def resize_embeddings(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase
 
 
 def save_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase | None, out_dir: str | Path) -> Path:
-    """Save weights as safetensors (+ config, generation config) and the tokenizer into `out_dir`."""
+    """Save weights as safetensors (+ config, generation config) and the tokenizer into `out_dir`.
+
+    The config's RoPE settings are written in the canonical form of `orca8k.model.rope` (`rope_parameters` with
+    `rope_type`, no legacy `type` key), so the saved model reloads with the same scaling.
+
+    Returns:
+        `out_dir`.
+
+    Raises:
+        ConfigError: the model's config carries a RoPE type this project does not handle.
+    """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    apply_rope_scaling(model.config, rope_scaling_of(model.config))
     model.save_pretrained(out_dir, safe_serialization=True)
     if tokenizer is not None:
         tokenizer.save_pretrained(out_dir)

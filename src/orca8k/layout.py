@@ -32,7 +32,12 @@ class Layout:
         p = cfg.paths
         return cls(**{name: p.resolve(name) for name in type(p).model_fields})
 
-    # mix
+    # data (fetch-data) and mix
+    @property
+    def data_snapshot(self) -> Path:
+        """Written by `orca8k fetch-data`: per source, the hub id, the resolved commit sha, files and hashes."""
+        return self.data / "snapshot.json"
+
     @property
     def mix_train(self) -> Path:
         return self.mix / "train.parquet"

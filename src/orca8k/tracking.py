@@ -1,0 +1,570 @@
+"""MLflow tracking: the only module that imports mlflow (lazily, so importing it is cheap).
+
+One MLflow run belongs to one training output. `train` creates it inside `train_run(cfg, layout)` and writes its
+id to `layout.train_run` (and `layout.checkpoint_run`, beside the persisted checkpoints); a resumed `train`
+re-attaches to the same run by that id, and every later stage re-attaches with `attach_run(cfg, layout)` — across
+processes, ranks (only rank 0 talks to MLflow; other ranks get a `NullRun` that does nothing) and resumes.
+Never one run per rank, never a new run on resume.
+
+    with tracking.train_run(cfg, layout) as run:             # train
+        trainer.add_callback(tracking.MlflowCurvesCallback(run))
+        ...
+    with tracking.attach_run(cfg, layout, stage="evaluate") as run:
+        run.log_metrics({"eval/orca-chat/eval_loss": 1.9}, step=3319)
+
+Where: `MLFLOW_TRACKING_URI` wins; otherwise `tracking.tracking_uri` from params, where a relative
+`sqlite:///mlflow.db` (or a relative file store) resolves against the repository root (the nearest ancestor of the
+working directory holding `dvc.yaml` or `.git`), and a new experiment stores artifacts under
+`tracking.artifact_location` (repo-relative). Everything logged goes through `orca8k.redaction` first.
+
+The registry side (`log_model_from_dir`, versions, aliases) lives in `orca8k.tracking_registry`'s functions
+below this module's run handling; `orca8k.registry` holds the logic (lineage, gate, card) and never imports mlflow.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import time
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from orca8k.errors import RegistryError, StageInputMissing
+from orca8k.redaction import flatten, redact_params, redact_text, redact_tree, redact_uri
+
+if TYPE_CHECKING:
+    from orca8k.config import Config
+    from orca8k.layout import Layout
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+PARAMS_HASH_TAG = "orca8k.params_hash"
+STAGE_TAG = "orca8k.stage.{stage}"
+RESOLVED_PARAMS_ARTIFACT = "params/resolved_params.json"
+MAX_PARAM_VALUE_CHARS = 6000  # MLflow's limit on a param value
+RETRIES = int(os.environ.get("ORCA8K_MLFLOW_RETRIES", "3"))  # attempts on a tracking server that does not answer
+RETRY_BACKOFF_SECONDS = float(os.environ.get("ORCA8K_MLFLOW_RETRY_BACKOFF_SECONDS", "1.0"))  # doubles each attempt
+
+
+# --------------------------------------------------------------------------------------------------- where
+def repo_root(start: str | Path | None = None) -> Path:
+    """The nearest ancestor of `start` (default: the working directory) holding `dvc.yaml` or `.git`.
+
+    Falls back to `start` itself when no ancestor has either (a bare folder: the store goes there).
+    """
+    here = Path(start or Path.cwd()).resolve()
+    for folder in (here, *here.parents):
+        if (folder / "dvc.yaml").exists() or (folder / ".git").exists():
+            return folder
+    return here
+
+
+def _resolve_local(uri: str, root: Path) -> str:
+    if uri.startswith("sqlite:///"):
+        path = uri[len("sqlite:///"):]
+        if path in ("", ":memory:") or path.startswith("/"):
+            return uri
+        return f"sqlite:///{(root / path).resolve()}"
+    if uri.startswith("file:"):
+        path = uri[len("file:"):]
+        if path.startswith("//"):
+            return uri
+        return (root / path).resolve().as_uri() if not path.startswith("/") else Path(path).as_uri()
+    if "://" not in uri and not uri.startswith(("databricks", "uc:")):
+        return (Path(uri) if Path(uri).is_absolute() else root / uri).resolve().as_uri()
+    return uri
+
+
+def resolve_tracking_uri(cfg: Config) -> str:
+    """The tracking URI for this process: `MLFLOW_TRACKING_URI` if set, else `tracking.tracking_uri`.
+
+    Relative local stores (`sqlite:///mlflow.db`, `file:mlruns`, `mlruns`) resolve against `repo_root()`, so every
+    stage and every run folder (`paths.root`) shares one store. Remote URIs (`http(s)://`, `postgresql://`,
+    `databricks`) are returned unchanged.
+    """
+    env = os.environ.get("MLFLOW_TRACKING_URI")
+    return _resolve_local(env if env else cfg.tracking.tracking_uri, repo_root())
+
+
+def resolve_artifact_location(cfg: Config) -> str:
+    """Artifact root for a new experiment: `tracking.artifact_location`, repo-relative unless it is a URI."""
+    loc = cfg.tracking.artifact_location
+    if "://" in loc or loc.startswith("file:"):
+        return loc
+    path = Path(loc)
+    return (path if path.is_absolute() else repo_root() / path).resolve().as_uri()
+
+
+def process_rank() -> int:
+    """Global rank of this process (`RANK` set by torchrun/deepspeed, else torch.distributed, else 0)."""
+    for var in ("RANK", "SLURM_PROCID"):
+        if os.environ.get(var, "").strip().isdigit():
+            return int(os.environ[var])
+    try:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            return int(dist.get_rank())
+    except ImportError:  # pragma: no cover - torch is a dependency
+        pass
+    return 0
+
+
+# --------------------------------------------------------------------------------------------------- retries
+def _is_transient(err: BaseException) -> bool:
+    text = f"{type(err).__name__}: {err}".lower()
+    markers = ("connection", "timed out", "timeout", "max retries", "temporarily", "unavailable", "refused",
+               "503", "502", "504", "database is locked")
+    return isinstance(err, ConnectionError | TimeoutError) or any(m in text for m in markers)
+
+
+def with_retries(fn: Callable[[], T], what: str, uri: str, attempts: int | None = None) -> T:
+    """Call `fn`, retrying transient failures (connection refused, timeouts, 5xx, sqlite busy) with backoff.
+
+    Args:
+        fn: the call to make.
+        what: words for the error message ("connect", "create the model version").
+        uri: the tracking URI (shown redacted in the message).
+        attempts: total tries (default `ORCA8K_MLFLOW_RETRIES`, 3); waits 1 s, 2 s, 4 s... in between.
+
+    Raises:
+        RegistryError: the call still failed after the last attempt (or failed with a non-transient error).
+    """
+    attempts = RETRIES if attempts is None else attempts
+    delay = RETRY_BACKOFF_SECONDS
+    for attempt in range(1, attempts + 1):
+        try:
+            return fn()
+        except RegistryError:
+            raise
+        except Exception as err:  # noqa: BLE001 - MLflow raises many types; transient ones are retried
+            if not _is_transient(err) or attempt == attempts:
+                detail = redact_text(str(err).splitlines()[0] if str(err) else type(err).__name__)
+                raise RegistryError(
+                    f"MLflow at {redact_uri(uri)}: could not {what} after {attempt} attempt(s): "
+                    f"{type(err).__name__}: {detail[:500]}"
+                ) from err
+            log.warning("MLflow at %s: %s failed (%s), retry %d/%d in %.1f s", redact_uri(uri), what,
+                        type(err).__name__, attempt, attempts - 1, delay)
+            time.sleep(delay)
+            delay *= 2
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _configure_client(uri: str) -> None:
+    """Point mlflow at `uri`; keep MLflow's own HTTP retries short (ours wrap them) unless the user set them."""
+    import mlflow
+
+    if uri.startswith(("http://", "https://")):
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+
+
+def client(uri: str):
+    """An `MlflowClient` for `uri` (tracking and registry), after checking the store answers (with retries).
+
+    Raises:
+        RegistryError: the store is unreachable after the retries.
+    """
+    import mlflow
+
+    _configure_client(uri)
+    c = mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)
+    with_retries(lambda: c.search_experiments(max_results=1), "connect", uri)
+    return c
+
+
+# --------------------------------------------------------------------------------------------------- run handles
+@dataclass
+class RunHandle:
+    """A re-attached MLflow run. Methods log to this run by id (safe across threads and stages).
+
+    Attributes:
+        run_id, experiment_id, tracking_uri: where the run lives (`tracking_uri` unredacted, for this process).
+    """
+
+    run_id: str
+    experiment_id: str
+    tracking_uri: str
+    _client: Any = field(default=None, repr=False)
+
+    active = True
+
+    @property
+    def mlflow_client(self):
+        if self._client is None:
+            self._client = client(self.tracking_uri)
+        return self._client
+
+    def log_metrics(self, metrics: Mapping[str, Any], step: int | None = None) -> None:
+        """Log numeric values (nested dicts flattened with `/`; non-numbers and NaN skipped) at `step`."""
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        items = [
+            Metric(key, float(value), now, int(step or 0))
+            for key, value in flatten(dict(metrics), sep="/").items()
+            if isinstance(value, int | float) and not isinstance(value, bool) and value == value
+        ]
+        for i in range(0, len(items), 1000):
+            self.mlflow_client.log_batch(self.run_id, metrics=items[i : i + 1000])
+
+    def log_params(self, params: Mapping[str, Any]) -> dict[str, str]:
+        """Log flat params after redaction; keys already logged with another value are skipped (MLflow params
+        are immutable) and returned as `{key: "old -> new"}`."""
+        from mlflow.entities import Param
+
+        existing = self.mlflow_client.get_run(self.run_id).data.params
+        clean = {k: _param_value(v) for k, v in redact_params(params).items()}
+        changed = {k: f"{existing[k]} -> {v}" for k, v in clean.items() if k in existing and existing[k] != v}
+        new = [Param(k, v) for k, v in clean.items() if k not in existing]
+        for i in range(0, len(new), 100):
+            self.mlflow_client.log_batch(self.run_id, params=new[i : i + 100])
+        return changed
+
+    def params(self) -> dict[str, str]:
+        """The run's params as logged (flat, redacted)."""
+        return dict(self.mlflow_client.get_run(self.run_id).data.params)
+
+    def tags(self) -> dict[str, str]:
+        return dict(self.mlflow_client.get_run(self.run_id).data.tags)
+
+    def set_tags(self, tags: Mapping[str, Any]) -> None:
+        from mlflow.entities import RunTag
+
+        clean = redact_params({k: str(v) for k, v in tags.items()})
+        self.mlflow_client.log_batch(self.run_id, tags=[RunTag(k, v) for k, v in clean.items()])
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        """Upload one file (or, for a folder, its contents) under `artifact_path`."""
+        path = Path(path)
+        if path.is_dir():
+            self.mlflow_client.log_artifacts(self.run_id, str(path), artifact_path)
+        else:
+            self.mlflow_client.log_artifact(self.run_id, str(path), artifact_path)
+
+    def log_artifacts(self, folder: str | Path, artifact_path: str | None = None) -> None:
+        self.mlflow_client.log_artifacts(self.run_id, str(folder), artifact_path)
+
+    def log_dict(self, data: Any, artifact_file: str) -> None:
+        """Write redacted plain data as JSON (or YAML for `.yaml`) into the run's artifacts."""
+        self.mlflow_client.log_dict(self.run_id, redact_tree(data), artifact_file)
+
+    def log_text(self, text: str, artifact_file: str) -> None:
+        self.mlflow_client.log_text(self.run_id, redact_text(text), artifact_file)
+
+    def download(self, artifact_path: str, dst: str | Path) -> Path:
+        """Download a run artifact (file or folder) into `dst`; returns the local path."""
+        import mlflow
+
+        Path(dst).mkdir(parents=True, exist_ok=True)
+        return Path(mlflow.artifacts.download_artifacts(run_id=self.run_id, artifact_path=artifact_path,
+                                                         dst_path=str(dst), tracking_uri=self.tracking_uri))
+
+
+class NullRun(RunHandle):
+    """What ranks other than 0 get: every method does nothing, so training code needs no `if rank == 0`."""
+
+    active = False
+
+    def __init__(self) -> None:
+        super().__init__(run_id="", experiment_id="", tracking_uri="")
+
+    def log_metrics(self, metrics, step=None):  # noqa: D102
+        return None
+
+    def log_params(self, params):  # noqa: D102
+        return {}
+
+    def params(self):  # noqa: D102
+        return {}
+
+    def tags(self):  # noqa: D102
+        return {}
+
+    def set_tags(self, tags):  # noqa: D102
+        return None
+
+    def log_artifact(self, path, artifact_path=None):  # noqa: D102
+        return None
+
+    def log_artifacts(self, folder, artifact_path=None):  # noqa: D102
+        return None
+
+    def log_dict(self, data, artifact_file):  # noqa: D102
+        return None
+
+    def log_text(self, text, artifact_file):  # noqa: D102
+        return None
+
+
+_CURRENT: list[RunHandle] = []  # the run opened by train_run/attach_run in this process (module-level helpers)
+
+
+def current_run() -> RunHandle:
+    """The run opened in this process by `train_run`/`attach_run`, or a `NullRun` when none is open."""
+    return _CURRENT[-1] if _CURRENT else NullRun()
+
+
+def log_metrics(metrics: Mapping[str, Any], step: int | None = None) -> None:
+    """Log metrics to the current run (no-op outside `train_run`/`attach_run` and on ranks other than 0)."""
+    current_run().log_metrics(metrics, step)
+
+
+def log_artifact(path: str | Path, artifact_path: str | None = None) -> None:
+    """Log a file or folder to the current run (no-op when no run is open)."""
+    current_run().log_artifact(path, artifact_path)
+
+
+def log_artifacts(folder: str | Path, artifact_path: str | None = None) -> None:
+    """Log a folder's contents to the current run (no-op when no run is open)."""
+    current_run().log_artifacts(folder, artifact_path)
+
+
+def _param_value(value: Any) -> str:
+    text = value if isinstance(value, str) else json.dumps(value)
+    return text if len(text) <= MAX_PARAM_VALUE_CHARS else text[: MAX_PARAM_VALUE_CHARS - 15] + "...[truncated]"
+
+
+def config_params(cfg: Config) -> dict[str, Any]:
+    """The full resolved config, flattened with `.` (`train.learning_rate`), before redaction."""
+    return flatten(cfg.to_dict())
+
+
+# --------------------------------------------------------------------------------------------------- run files
+def read_run_file(path: Path) -> dict[str, str]:
+    """Read `{"run_id", "experiment_id", "tracking_uri"}` from a run file.
+
+    Raises:
+        StageInputMissing: the file does not exist (run `orca8k train` first).
+        RegistryError: the file is not that JSON.
+    """
+    if not path.is_file():
+        raise StageInputMissing(f"{path}: no MLflow run file (run `orca8k train` first)")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        if not isinstance(data, dict) or not isinstance(data.get("run_id"), str) or not data["run_id"]:
+            raise ValueError("field run_id missing or empty")
+    except ValueError as err:
+        raise RegistryError(f"{path}: not a run file ({err})") from None
+    return data
+
+
+def write_run_file(path: Path, run: RunHandle) -> None:
+    """Write the run file atomically (the URI redacted: it may carry a password)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    data = {"run_id": run.run_id, "experiment_id": run.experiment_id, "tracking_uri": redact_uri(run.tracking_uri)}
+    tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+    tmp.replace(path)
+
+
+def _experiment_id(c, name: str, artifact_location: str, uri: str) -> str:
+    from mlflow.exceptions import MlflowException
+
+    exp = with_retries(lambda: c.get_experiment_by_name(name), "read the experiment", uri)
+    if exp is not None:
+        if exp.lifecycle_stage == "deleted":
+            with_retries(lambda: c.restore_experiment(exp.experiment_id), "restore the experiment", uri)
+        return exp.experiment_id
+    try:
+        return c.create_experiment(name, artifact_location=artifact_location)
+    except MlflowException:  # created meanwhile by another process
+        exp = c.get_experiment_by_name(name)
+        if exp is None:
+            raise
+        return exp.experiment_id
+
+
+def _find_run(c, run_id: str, uri: str, recorded_uri: str | None, source: Path):
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return with_retries(lambda: c.get_run(run_id), f"read run {run_id}", uri)
+    except RegistryError as err:
+        cause = err.__cause__
+        if isinstance(cause, MlflowException) and "RESOURCE_DOES_NOT_EXIST" in str(getattr(cause, "error_code", "")):
+            raise RegistryError(
+                f"{source}: run {run_id} is not in the tracking store {redact_uri(uri)}"
+                + (f" (it was created in {recorded_uri})" if recorded_uri and recorded_uri != redact_uri(uri) else "")
+                + "; set MLFLOW_TRACKING_URI to that store, or remove the run file to start a new run"
+            ) from None
+        raise
+
+
+@contextlib.contextmanager
+def _opened(handle: RunHandle, end_status: Callable[[BaseException | None], str]) -> Iterator[RunHandle]:
+    import mlflow
+
+    active = mlflow.active_run()
+    owns = active is None or active.info.run_id != handle.run_id  # nested re-attach in one process: reuse it
+    if owns:
+        mlflow.start_run(run_id=handle.run_id)
+    _CURRENT.append(handle)
+    error: BaseException | None = None
+    try:
+        yield handle
+    except BaseException as err:
+        error = err
+        raise
+    finally:
+        _CURRENT.pop()
+        status = end_status(error)
+        if owns:
+            try:
+                mlflow.end_run(status=status)
+            except Exception as err:  # noqa: BLE001 - never mask the stage's own error
+                log.warning("MLflow: could not end run %s: %s", handle.run_id, err)
+
+
+@contextlib.contextmanager
+def train_run(cfg: Config, layout: Layout, *, resume: bool | None = None) -> Iterator[RunHandle]:
+    """Create the training run, or re-attach to it on resume; rank 0 only (other ranks get a `NullRun`).
+
+    On a new run: the experiment `tracking.experiment_name` is created if needed (artifacts under
+    `tracking.artifact_location`), the full resolved config is logged as params (flattened, redacted) and as
+    `params/resolved_params.json`, tag `orca8k.params_hash` is set, and the run id is written to
+    `layout.checkpoint_run` and `layout.train_run`. On resume the same run is re-opened; params not logged yet
+    are added, and changed values (immutable in MLflow) are recorded in tag `orca8k.resume.changed_params`.
+    The run ends FINISHED, or FAILED when the block raises (a later resume re-opens it).
+
+    Args:
+        cfg: the resolved config.
+        layout: where the run files go.
+        resume: None: re-attach when `layout.checkpoint_run` exists, else create. True: must re-attach.
+            False: always create a new run (a fresh training).
+
+    Yields:
+        The run (`RunHandle`), or a `NullRun` on ranks other than 0.
+
+    Raises:
+        RegistryError: the tracking store is unreachable after retries, or the recorded run is missing from it.
+        StageInputMissing: `resume=True` but no `layout.checkpoint_run`.
+    """
+    if process_rank() != 0:
+        yield NullRun()
+        return
+    uri = resolve_tracking_uri(cfg)
+    c = client(uri)
+    existing = None
+    if resume is not False and layout.checkpoint_run.is_file():
+        existing = read_run_file(layout.checkpoint_run)
+    elif resume:
+        raise StageInputMissing(f"{layout.checkpoint_run}: resume asked for but no run file beside the checkpoints")
+    params = config_params(cfg)
+    if existing is not None:
+        run = _find_run(c, existing["run_id"], uri, existing.get("tracking_uri"), layout.checkpoint_run)
+        handle = RunHandle(run.info.run_id, run.info.experiment_id, uri, c)
+        changed = handle.log_params(params)
+        tags = {"orca8k.resumed": "true", PARAMS_HASH_TAG + ".latest": cfg.section_hash()}
+        if changed:
+            tags["orca8k.resume.changed_params"] = json.dumps(changed, sort_keys=True)[:7900]
+            log.warning("MLflow run %s resumed with changed params: %s", handle.run_id, sorted(changed))
+        handle.set_tags(tags)
+    else:
+        exp_id = _experiment_id(c, redact_text(cfg.tracking.experiment_name), resolve_artifact_location(cfg), uri)
+        tags = {PARAMS_HASH_TAG: cfg.section_hash(), "orca8k.paths.root": str(layout.root), STAGE_TAG.format(stage="train"): "running"}
+        run = with_retries(lambda: c.create_run(exp_id, tags=redact_params(tags)), "create the run", uri)
+        handle = RunHandle(run.info.run_id, exp_id, uri, c)
+        handle.log_params(params)
+        handle.log_dict(cfg.to_dict(), RESOLVED_PARAMS_ARTIFACT)
+    write_run_file(layout.checkpoint_run, handle)
+    write_run_file(layout.train_run, handle)
+
+    def status(error: BaseException | None) -> str:
+        handle.set_tags({STAGE_TAG.format(stage="train"): "failed" if error else "done"})
+        return "FAILED" if error else "FINISHED"
+
+    with _opened(handle, status):
+        yield handle
+
+
+@contextlib.contextmanager
+def attach_run(cfg: Config, layout: Layout, stage: str = "stage") -> Iterator[RunHandle]:
+    """Re-attach to the training run recorded in `layout.train_run` (any process; rank 0 only).
+
+    The run's status is left as training left it (a stage that fails after training does not mark the training
+    failed); the stage's outcome is recorded in tag `orca8k.stage.<stage>` (`done` | `failed`).
+
+    Yields:
+        The run (`RunHandle`), or a `NullRun` on ranks other than 0.
+
+    Raises:
+        StageInputMissing: no `layout.train_run` (run `orca8k train` first).
+        RegistryError: the store is unreachable after retries, or the run is not in it.
+    """
+    if process_rank() != 0:
+        yield NullRun()
+        return
+    recorded = read_run_file(layout.train_run)
+    uri = resolve_tracking_uri(cfg)
+    c = client(uri)
+    run = _find_run(c, recorded["run_id"], uri, recorded.get("tracking_uri"), layout.train_run)
+    previous = run.info.status
+    handle = RunHandle(run.info.run_id, run.info.experiment_id, uri, c)
+
+    def status(error: BaseException | None) -> str:
+        try:
+            handle.set_tags({STAGE_TAG.format(stage=stage): "failed" if error else "done"})
+        except Exception as err:  # noqa: BLE001 - the store may be the thing that failed
+            log.warning("MLflow: could not tag stage %s: %s", stage, err)
+        return previous if previous in ("FINISHED", "FAILED", "KILLED") else "FINISHED"
+
+    with _opened(handle, status):
+        yield handle
+
+
+# --------------------------------------------------------------------------------------------------- callback
+def _callback_class():
+    from transformers import TrainerCallback
+
+    class MlflowCurvesCallback(TrainerCallback):
+        """Log the Trainer's curves to an orca8k run: every numeric value of each log event at `global_step`
+        (HF names: `loss`, `learning_rate`, `grad_norm`, `eval_loss`, `eval_<group>_loss`, ...), plus
+        `tokens_per_second` (from `state.num_input_tokens_seen` between two logs: set
+        `include_num_input_tokens_seen=True`) and whatever `extra_metrics()` returns at that moment, e.g.
+        `{"supervised_tokens_seen/orca-chat": 123456}`. Only the world process zero logs.
+
+        Args:
+            run: the handle from `train_run` (a `NullRun` makes this a no-op).
+            extra_metrics: optional callable returning more metrics to log with each log event.
+        """
+
+        def __init__(self, run: RunHandle, extra_metrics: Callable[[], Mapping[str, float]] | None = None):
+            self.run = run
+            self.extra_metrics = extra_metrics
+            self._last: tuple[float, int] | None = None
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if not state.is_world_process_zero or not self.run.active:
+                return
+            metrics = {k: v for k, v in (logs or {}).items() if isinstance(v, int | float) and not isinstance(v, bool)}
+            seen = getattr(state, "num_input_tokens_seen", None)
+            now = time.perf_counter()
+            if seen:
+                if self._last is not None and now > self._last[0] and seen >= self._last[1]:
+                    metrics["tokens_per_second"] = (seen - self._last[1]) / (now - self._last[0])
+                self._last = (now, int(seen))
+            if self.extra_metrics is not None:
+                metrics.update(self.extra_metrics())
+            if metrics:
+                self.run.log_metrics(metrics, step=state.global_step)
+
+    return MlflowCurvesCallback
+
+
+def __getattr__(name: str) -> Any:
+    # `tracking.MlflowCurvesCallback` is built on first use so that importing this module does not import transformers
+    if name == "MlflowCurvesCallback":
+        cls = _callback_class()
+        globals()[name] = cls
+        return cls
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

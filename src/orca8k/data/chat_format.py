@@ -4,24 +4,31 @@ Format (the seed's `v3`): `<s><|system|>{system}</s><|prompter|>{q1}</s><|assist
 no system block when the system prompt is empty. Labels follow the HF convention (aligned to `input_ids`, the model
 shifts): `IGNORE_INDEX` (-100) everywhere except the tokens of each assistant reply and its closing `</s>`;
 `train_on_system=True` also supervises the system block (the seed did, by accident). Pretraining text is
-`<s>{text}</s>` with every token supervised.
+`<s>{text}</s>` with every token supervised. Position 0 (`<s>`) is labelled -100 in every example: after the shift it
+is never a target anyway, and in a packed row it keeps the previous example from being trained to predict `<s>`.
 
 Text from the data is never parsed for special tokens: each segment is encoded on its own with special-token
 matching off, and the special ids are inserted by id, so a user message containing `<|assistant|>` or `</s>` stays
 plain text. Segments are encoded the way the tokenizer encodes text that follows a special token (no `▁` dummy
 prefix, `legacy=False`), so encoding the rendered string with the tokenizer gives the same ids when the content
 holds no special-token strings.
+
+Length rules (`encode_chat_examples`, `encode_text_examples`, `encode_rows`; `max_length` in tokens, BOS included):
+- a conversation longer than `max_length` is split between exchanges (a user turn and its reply) into several
+  examples, each repeating the system block, so no turn is lost;
+- an exchange that does not fit even alone is cut (`_cut_exchange`, deterministic) and counted;
+- an example left without a supervised token is dropped and counted;
+- a text longer than `max_length` is split into contiguous windows of near-equal size covering all of it, each
+  starting with `<s>`; the last one ends with `</s>`.
 """
 
 from __future__ import annotations
 
-import copy
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from orca8k.model.tokenizer import ASSISTANT, BOS, EOS, PROMPTER, SYSTEM
+from orca8k.model.tokenizer import ASSISTANT, BOS, EOS, PROMPTER, SYSTEM, segment_tokenizer
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -29,9 +36,11 @@ if TYPE_CHECKING:
 IGNORE_INDEX = -100
 ROLES = ("system", "user", "assistant")
 ROLE_TOKENS = {"system": SYSTEM, "user": PROMPTER, "assistant": ASSISTANT}
+EXCHANGE_SPECIAL_TOKENS = 4  # <|prompter|> </s> <|assistant|> </s>
 
 # Jinja chat template saved with the tokenizer: renders exactly the training string (`<s>` included, as
-# `apply_chat_template(..., tokenize=False)`; tokenize the result with `add_special_tokens=False`).
+# `apply_chat_template(..., tokenize=False)`; `apply_chat_template(..., tokenize=True)` adds no second BOS because
+# the tokenizer adds no special tokens by itself).
 OA_CHAT_TEMPLATE = (
     "{{ bos_token }}"
     "{% for message in messages %}"
@@ -53,7 +62,7 @@ def check_messages(messages: Sequence[dict[str, Any]]) -> None:
     Raises:
         ValueError: naming the index and field of the first offending message.
     """
-    if not messages:
+    if messages is None or len(messages) == 0:
         raise ValueError("messages: empty conversation")
     start = 1 if messages[0].get("role") == "system" else 0
     if start == 1 and not isinstance(messages[0].get("content"), str):
@@ -71,33 +80,6 @@ def check_messages(messages: Sequence[dict[str, Any]]) -> None:
         raise ValueError(f"messages[{len(messages) - 1}].role: a conversation must end with an assistant reply")
 
 
-def _set_dummy_prefix(node: Any, dummy_prefix: bool) -> Any:
-    """Rewrite a tokenizers JSON spec so Llama's `▁` dummy prefix is always (True) or never (False) added:
-    Metaspace pre-tokenizers get `prepend_scheme` always/never; legacy `Prepend("▁")` normalizers are dropped
-    when no prefix is wanted."""
-    if isinstance(node, list):
-        return [x for x in (_set_dummy_prefix(n, dummy_prefix) for n in node) if x is not None]
-    if not isinstance(node, dict):
-        return node
-    if node.get("type") == "Metaspace":
-        return {**node, "prepend_scheme": "always" if dummy_prefix else "never"}
-    if node.get("type") == "Prepend" and not dummy_prefix:
-        return None
-    return {k: _set_dummy_prefix(v, dummy_prefix) for k, v in node.items()}
-
-
-def _segment_tokenizer(spec: dict[str, Any], dummy_prefix: bool) -> Any:
-    from tokenizers import Tokenizer
-
-    spec = copy.deepcopy(spec)
-    for key in ("normalizer", "pre_tokenizer"):
-        if spec.get(key) is not None:
-            spec[key] = _set_dummy_prefix(spec[key], dummy_prefix)
-    tok = Tokenizer.from_str(json.dumps(spec))
-    tok.encode_special_tokens = True  # text is never parsed for special tokens
-    return tok
-
-
 def render_chat(messages: Sequence[dict[str, Any]]) -> str:
     """The training string of a conversation (what `OA_CHAT_TEMPLATE` renders), `<s>` included."""
     parts = [BOS]
@@ -110,7 +92,12 @@ def render_chat(messages: Sequence[dict[str, Any]]) -> str:
 
 @dataclass
 class Encoded:
-    """One tokenized example. `labels` is aligned to `input_ids` (the model shifts); -100 = no loss."""
+    """One tokenized example. `labels` is aligned to `input_ids` (the model shifts); -100 = no loss.
+
+    `meta`: `assistant_turns` (replies whose closing `</s>` is in this example), `cut_tokens` (tokens removed by a
+    cut), `part`/`parts` (index and count of the examples one conversation or text was split into), and for chats
+    `turns`: one `(start, end, role)` token span per message block (`<|role|>…</s>`).
+    """
 
     input_ids: list[int]
     labels: list[int]
@@ -124,25 +111,47 @@ class Encoded:
         return sum(1 for x in self.labels if x != IGNORE_INDEX)
 
 
+@dataclass
+class RowExamples:
+    """The examples one source row (a conversation or a text chunk) became, with what the length rules did.
+
+    Attributes:
+        examples: kept examples, in order, each at most `max_length` tokens.
+        dropped: examples dropped because no token was left to supervise.
+        cut_exchanges: exchanges (or system blocks) cut because one alone did not fit.
+        cut_tokens: tokens removed by those cuts.
+    """
+
+    examples: list[Encoded]
+    dropped: int = 0
+    cut_exchanges: int = 0
+    cut_tokens: int = 0
+
+
 class ChatEncoder:
     """Encodes conversations, pretraining text and generation prompts with the OA format.
 
     Args:
         tokenizer: the fine-tuning tokenizer (`orca8k.model.tokenizer.prepare_tokenizer`).
         train_on_system: supervise the system block too (default off; the seed trained it by accident).
+
+    Raises:
+        ValueError: the tokenizer lacks an OA special token.
     """
 
     def __init__(self, tokenizer: PreTrainedTokenizerBase, train_on_system: bool = False) -> None:
+        from orca8k.model.tokenizer import check_tokenizer
+
+        check_tokenizer(tokenizer)
         self.tokenizer = tokenizer
         self.train_on_system = train_on_system
         ids = tokenizer.convert_tokens_to_ids([BOS, EOS, SYSTEM, PROMPTER, ASSISTANT])
         self.bos_id, self.eos_id, self.system_id, self.prompter_id, self.assistant_id = ids
         self.role_ids = {"system": self.system_id, "user": self.prompter_id, "assistant": self.assistant_id}
-        spec = json.loads(tokenizer.backend_tokenizer.to_str())
         # Two segment encoders over the same vocabulary that never match special tokens inside text:
         # `_inner` for text after a special token (no dummy prefix), `_first` for text at the start (`▁` prefix).
-        self._inner = _segment_tokenizer(spec, dummy_prefix=False)
-        self._first = _segment_tokenizer(spec, dummy_prefix=True)
+        self._inner = segment_tokenizer(tokenizer, dummy_prefix=False)
+        self._first = segment_tokenizer(tokenizer, dummy_prefix=True)
 
     # ------------------------------------------------------------------ pieces
     def segment_ids(self, text: str, *, first: bool = False) -> list[int]:
@@ -155,8 +164,15 @@ class ChatEncoder:
         """
         if not text:
             return []
-        enc = (self._first if first else self._inner).encode(text, add_special_tokens=False)
-        return list(enc.ids)
+        return list((self._first if first else self._inner).encode(text, add_special_tokens=False).ids)
+
+    def segment_ids_batch(self, texts: Sequence[str], *, first: bool = False) -> list[list[int]]:
+        """`segment_ids` for many texts in one call into the Rust tokenizer (threads across cores unless
+        `TOKENIZERS_PARALLELISM=false`); the same ids as one call per text."""
+        if not texts:
+            return []
+        encodings = (self._first if first else self._inner).encode_batch_fast(list(texts), add_special_tokens=False)
+        return [e.ids for e in encodings]
 
     def add_bos(self, ids: list[int]) -> list[int]:
         """Prefix `<s>` exactly once: the one function that adds BOS, for training, evaluation and sampling.
@@ -168,38 +184,23 @@ class ChatEncoder:
             raise ValueError("add_bos: sequence already starts with <s>")
         return [self.bos_id, *ids]
 
-    # ------------------------------------------------------------------ examples
+    # ------------------------------------------------------------------ examples, no length limit
     def encode_chat(self, messages: Sequence[dict[str, Any]]) -> Encoded:
-        """Encode a conversation with its label mask (BOS once, every assistant turn supervised).
+        """Encode a conversation with its label mask (BOS once, every assistant turn supervised), whatever its length.
 
         Returns:
-            `Encoded` with `input_ids`/`labels` of equal length `[seq_len]`; `meta["turns"]` holds one
-            `(start, end)` token span per message block (`<|role|>…</s>`, BOS excluded) for turn-boundary splits.
+            `Encoded` with `input_ids`/`labels` of equal length `[seq_len]` (see `Encoded.meta`).
 
         Raises:
             ValueError: the messages break the contract (see `check_messages`).
         """
-        check_messages(messages)
-        input_ids: list[int] = []
-        labels: list[int] = []
-        spans: list[tuple[int, int, str]] = []
-        for m in messages:
-            role, content = m["role"], m["content"]
-            if role == "system" and not content:
-                continue
-            start = len(input_ids) + 1  # +1: BOS is prefixed below
-            body = self.segment_ids(content) + [self.eos_id]
-            supervised = role == "assistant" or (role == "system" and self.train_on_system)
-            input_ids += [self.role_ids[role], *body]
-            labels += [IGNORE_INDEX, *(body if supervised else [IGNORE_INDEX] * len(body))]
-            spans.append((start, len(input_ids) + 1, role))
-        return Encoded(self.add_bos(input_ids), [IGNORE_INDEX, *labels], {"turns": spans})
+        system, exchanges = self._chat_segments(messages, self.segment_ids_batch)
+        return self._chat_examples(system, exchanges, None).examples[0]
 
     def encode_text(self, text: str, *, add_eos: bool = True) -> Encoded:
-        """Encode pretraining text as `<s>{text}</s>`, every token supervised (BOS too is a label position; the
-        model never predicts it because labels are shifted)."""
-        ids = self.add_bos(self.segment_ids(text, first=True) + ([self.eos_id] if add_eos else []))
-        return Encoded(ids, list(ids))
+        """Encode pretraining text as `<s>{text}</s>`, every token after `<s>` supervised, whatever its length."""
+        ids = self.segment_ids(text, first=True) + ([self.eos_id] if add_eos else [])
+        return self._window(ids, 0, len(ids), 0, 1)
 
     def encode_prompt(self, prompt: str, system: str | None = None) -> list[int]:
         """Generation prompt: `<s>[<|system|>{system}</s>]<|prompter|>{prompt}</s><|assistant|>` (OA v3; no system
@@ -209,3 +210,196 @@ class ChatEncoder:
             ids += [self.system_id, *self.segment_ids(system), self.eos_id]
         ids += [self.prompter_id, *self.segment_ids(prompt), self.eos_id, self.assistant_id]
         return self.add_bos(ids)
+
+    # ------------------------------------------------------------------ examples within max_length
+    def encode_chat_examples(self, messages: Sequence[dict[str, Any]], max_length: int) -> RowExamples:
+        """Encode a conversation into examples of at most `max_length` tokens (see the module's length rules).
+
+        Raises:
+            ValueError: the messages break the contract, or `max_length` < 16.
+        """
+        _check_max_length(max_length)
+        system, exchanges = self._chat_segments(messages, self.segment_ids_batch)
+        return self._chat_examples(system, exchanges, max_length)
+
+    def encode_text_examples(self, text: str, max_length: int, *, add_eos: bool = True) -> RowExamples:
+        """Encode pretraining text into windows of at most `max_length` tokens covering all of it.
+
+        Raises:
+            ValueError: `max_length` < 16.
+        """
+        _check_max_length(max_length)
+        return self._text_examples(self.segment_ids(text, first=True), max_length, add_eos)
+
+    def encode_rows(
+        self, kinds: Sequence[str], messages: Sequence[Any], texts: Sequence[str | None], max_length: int
+    ) -> list[RowExamples]:
+        """Batched `encode_chat_examples` / `encode_text_examples` over rows of the mix (one tokenizer call per
+        segment kind for the whole batch; the same result as one call per row).
+
+        Args:
+            kinds: `"chat"` or `"text"` per row.
+            messages: per row, the conversation (chat rows) or None.
+            texts: per row, the text (text rows) or None.
+            max_length: tokens per example, BOS included.
+
+        Returns:
+            One `RowExamples` per row, in order.
+
+        Raises:
+            ValueError: an unknown kind, a chat row breaking the conversation contract or a text row without text;
+                the message starts with `row {i}`.
+        """
+        _check_max_length(max_length)
+        chat_rows = [i for i, k in enumerate(kinds) if k == "chat"]
+        text_rows = [i for i, k in enumerate(kinds) if k == "text"]
+        if len(chat_rows) + len(text_rows) != len(kinds):
+            bad = next(i for i, k in enumerate(kinds) if k not in ("chat", "text"))
+            raise ValueError(f"row {bad}: kind {kinds[bad]!r} is neither 'chat' nor 'text'")
+        out: list[RowExamples | None] = [None] * len(kinds)
+        # all chat segments of the batch in one call
+        segments: list[str] = []
+        for i in chat_rows:
+            try:
+                check_messages(messages[i])
+            except ValueError as err:
+                raise ValueError(f"row {i}: {err}") from None
+            segments += [m["content"] for m in messages[i]]
+        ids = iter(self.segment_ids_batch(segments))
+        for i in chat_rows:
+            system, exchanges = self._chat_segments(messages[i], lambda texts: [next(ids) for _ in texts], checked=True)
+            out[i] = self._chat_examples(system, exchanges, max_length)
+        for i in text_rows:
+            if not isinstance(texts[i], str):
+                raise ValueError(f"row {i}: a text row needs a string `text`")
+        text_ids = self.segment_ids_batch([texts[i] for i in text_rows], first=True)
+        for i, ids_i in zip(text_rows, text_ids, strict=True):
+            out[i] = self._text_examples(ids_i, max_length, True)
+        return out  # type: ignore[return-value]
+
+    # ------------------------------------------------------------------ assembly (the format rules)
+    def _chat_segments(self, messages: Sequence[dict[str, Any]], encode: Any, checked: bool = False
+                       ) -> tuple[list[int] | None, list[tuple[list[int], list[int]]]]:
+        """Segment ids of a conversation: the system content (None when absent or empty) and (user, reply) pairs."""
+        if not checked:
+            check_messages(messages)
+        seg = encode([m["content"] for m in messages])
+        start = 1 if messages[0]["role"] == "system" else 0
+        system = seg[0] if start and messages[0]["content"] else None
+        exchanges = [(seg[j], seg[j + 1]) for j in range(start, len(messages), 2)]
+        return system, exchanges
+
+    def _system_block(self, system: list[int] | None) -> tuple[list[int], list[int]]:
+        if system is None:
+            return [], []
+        ids = [self.system_id, *system, self.eos_id]
+        labels = [IGNORE_INDEX, *system, self.eos_id] if self.train_on_system else [IGNORE_INDEX] * len(ids)
+        return ids, labels
+
+    def _exchange_block(self, user: list[int], reply: list[int], complete: bool = True) -> tuple[list[int], list[int]]:
+        end = [self.eos_id] if complete else []
+        ids = [self.prompter_id, *user, self.eos_id, self.assistant_id, *reply, *end]
+        labels = [IGNORE_INDEX] * (len(user) + 3) + reply + end
+        return ids, labels
+
+    def _example(self, header: tuple[list[int], list[int]], blocks: list[tuple[list[int], list[int]]],
+                 **meta: Any) -> Encoded:
+        ids, labels = list(header[0]), list(header[1])
+        turns: list[tuple[int, int, str]] = []
+        if header[0]:
+            turns.append((1, 1 + len(ids), "system"))
+        for b_ids, b_labels in blocks:
+            user_end = b_ids.index(self.assistant_id)  # the first <|assistant|>: user text holds no special ids
+            turns += [(1 + len(ids), 1 + len(ids) + user_end, "user"),
+                      (1 + len(ids) + user_end, 1 + len(ids) + len(b_ids), "assistant")]
+            ids += b_ids
+            labels += b_labels
+        return Encoded(self.add_bos(ids), [IGNORE_INDEX, *labels], {**meta, "turns": turns})
+
+    def _chat_examples(self, system: list[int] | None, exchanges: list[tuple[list[int], list[int]]],
+                       max_length: int | None) -> RowExamples:
+        header = self._system_block(system)
+        limit = max_length if max_length is not None else float("inf")
+        result = RowExamples([])
+        parts: list[tuple[tuple, list, int, int]] = []  # (header, blocks, assistant_turns, cut_tokens) per example
+        current: list[tuple[list[int], list[int]]] = []
+        used = 1 + len(header[0])
+        for user, reply in exchanges:
+            size = len(user) + len(reply) + EXCHANGE_SPECIAL_TOKENS
+            if 1 + len(header[0]) + size > limit:  # does not fit even alone: cut it, in an example of its own
+                if current:
+                    parts.append((header, current, len(current), 0))
+                    current, used = [], 1 + len(header[0])
+                parts.append(self._cut_exchange(system, user, reply, int(limit)))
+                result.cut_exchanges += 1
+                continue
+            if used + size > limit:
+                parts.append((header, current, len(current), 0))
+                current, used = [], 1 + len(header[0])
+            current.append(self._exchange_block(user, reply))
+            used += size
+        if current:
+            parts.append((header, current, len(current), 0))
+        for part_header, blocks, complete_turns, cut in parts:
+            example = self._example(part_header, blocks, assistant_turns=complete_turns, cut_tokens=cut)
+            result.cut_tokens += cut
+            if example.num_supervised == 0:
+                result.dropped += 1
+            else:
+                result.examples.append(example)
+        for k, example in enumerate(result.examples):
+            example.meta.update(part=k, parts=len(result.examples))
+        return result
+
+    def _cut_exchange(self, system: list[int] | None, user: list[int], reply: list[int], max_length: int
+                      ) -> tuple[tuple[list[int], list[int]], list, int, int]:
+        """Cut one exchange (and, if it takes over half the room, the system content) to fit `max_length`.
+
+        Deterministic rule: the system content keeps its start, and is cut only as far as needed to leave half of
+        `max_length` to the exchange; the reply keeps its start and at least half of the remaining room (all of it
+        if the user text is short); the user text keeps its end (the part next to the reply). A reply that was cut
+        gets no closing `</s>` (it does not end there), so it is not counted in `assistant_turns`.
+
+        Returns:
+            `(system block, [exchange block], assistant_turns, cut_tokens)`.
+        """
+        system_len = len(system) + 2 if system is not None else 0
+        original = 1 + system_len + len(user) + len(reply) + EXCHANGE_SPECIAL_TOKENS
+        room = max_length - 1 - EXCHANGE_SPECIAL_TOKENS - system_len
+        if system is not None and room < max_length // 2:
+            system = system[: max(0, len(system) - (max_length // 2 - room))]
+            room = max_length - 1 - EXCHANGE_SPECIAL_TOKENS - (len(system) + 2)
+        reply_keep = min(len(reply), max(room - len(user), room // 2))
+        user_keep = min(len(user), room - reply_keep)
+        complete = reply_keep == len(reply)
+        header = self._system_block(system)
+        block = self._exchange_block(user[len(user) - user_keep:], reply[:reply_keep], complete)
+        return header, [block], int(complete), original - (1 + len(header[0]) + len(block[0]))
+
+    def _text_examples(self, text_ids: list[int], max_length: int, add_eos: bool) -> RowExamples:
+        ids = text_ids + ([self.eos_id] if add_eos else [])
+        room = max_length - 1
+        n_windows = max(1, -(-len(ids) // room))
+        size, extra = divmod(len(ids), n_windows)  # near-equal windows: `extra` of them one token longer
+        result = RowExamples([])
+        start = 0
+        for k in range(n_windows):
+            end = start + size + (1 if k < extra else 0)
+            example = self._window(ids, start, end, k, n_windows)
+            start = end
+            if example.num_supervised == 0:
+                result.dropped += 1
+            else:
+                result.examples.append(example)
+        return result
+
+    def _window(self, ids: list[int], start: int, end: int, part: int, parts: int) -> Encoded:
+        window = ids[start:end]
+        ends_text = end == len(ids) and bool(ids) and ids[-1] == self.eos_id
+        return Encoded(self.add_bos(window), [IGNORE_INDEX, *window],
+                       {"assistant_turns": 0, "cut_tokens": 0, "part": part, "parts": parts, "ends_text": ends_text})
+
+
+def _check_max_length(max_length: int) -> None:
+    if max_length < 16:
+        raise ValueError(f"max_length={max_length}: at least 16 tokens are needed")

@@ -11,10 +11,12 @@ from a folder holding `tokenizer.model`, gives the same ids as sentencepiece (se
 
 from __future__ import annotations
 
+import copy
+import json
 import os
 from collections.abc import Iterable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -23,6 +25,7 @@ BOS, EOS, UNK = "<s>", "</s>", "<unk>"
 SYSTEM, PROMPTER, ASSISTANT = "<|system|>", "<|prompter|>", "<|assistant|>"
 PREFIX_BEGIN, PREFIX_END = "<|prefix_begin|>", "<|prefix_end|>"
 OA_SPECIAL_TOKENS = (SYSTEM, PROMPTER, ASSISTANT, PREFIX_BEGIN, PREFIX_END)
+METASPACE = "\u2581"  # "▁", sentencepiece's whitespace marker
 
 
 def train_sentencepiece(
@@ -73,31 +76,168 @@ def train_sentencepiece(
     return out_dir / "tokenizer.model"
 
 
-def load_base_tokenizer(name_or_path: str | Path, revision: str | None = None) -> PreTrainedTokenizerBase:
-    """Load a Llama base tokenizer (a folder with `tokenizer.model`/`tokenizer.json`, or a hub id) with fixed settings.
+def normalised_spec(spec: dict[str, Any]) -> dict[str, Any]:
+    """Rewrite a `tokenizers` JSON spec so it encodes like a non-legacy Llama tokenizer (a pure function).
 
-    Never uses `trust_remote_code`. BOS/EOS are not added automatically (`orca8k.data.chat_format` adds them).
+    Llama-2's hub `tokenizer.json` is *legacy*: its normalizer is `Sequence[Prepend("▁"), Replace(" ", "▁")]` with no
+    pre-tokenizer, so every stretch of text between two special tokens gets its own `▁` dummy prefix
+    (`<|assistant|>Hi` → `<|assistant|>`, `▁Hi`). The non-legacy form moves the dummy prefix into a
+    `Metaspace(prepend_scheme="first", split=False)` pre-tokenizer: only the very start of the input gets `▁`, which
+    is how `orca8k.data.chat_format` encodes segments. Plain text without special tokens encodes to the same ids in
+    both forms (the prefix goes before the first character either way). A `Metaspace` with `prepend_scheme="always"`
+    (a Llama tokenizer built with `legacy=True`) becomes `"first"` too.
+
+    Args:
+        spec: `json.loads(tokenizer.backend_tokenizer.to_str())`; not modified.
+
+    Returns:
+        A new spec (equal to `spec` when it is already non-legacy).
+
+    Raises:
+        ValueError: the spec has a `Prepend("▁")` normalizer *and* a pre-tokenizer (no known Llama layout).
     """
-    from transformers import AutoTokenizer
+    spec = copy.deepcopy(spec)
+    normalizer, removed = _drop_prepend(spec.get("normalizer"))
+    if removed:
+        if spec.get("pre_tokenizer") is not None:
+            raise ValueError("tokenizer.json: a Prepend('▁') normalizer with a pre-tokenizer is not a Llama layout")
+        spec["normalizer"] = normalizer
+        spec["pre_tokenizer"] = {"type": "Metaspace", "replacement": METASPACE, "prepend_scheme": "first", "split": False}
+    spec["pre_tokenizer"] = _metaspace_first(spec.get("pre_tokenizer"))
+    return spec
 
-    tok = AutoTokenizer.from_pretrained(
-        str(name_or_path), revision=revision, legacy=False, add_bos_token=False, add_eos_token=False, trust_remote_code=False
+
+def _drop_prepend(node: Any) -> tuple[Any, bool]:
+    """Remove `Prepend("▁")` from a normalizer JSON node; returns (node, whether one was removed)."""
+    if node is None:
+        return None, False
+    if node.get("type") == "Prepend" and node.get("prepend") == METASPACE:
+        return None, True
+    if node.get("type") == "Sequence":
+        kept = [n for n in node["normalizers"] if not (n.get("type") == "Prepend" and n.get("prepend") == METASPACE)]
+        if len(kept) == len(node["normalizers"]):
+            return node, False
+        return ({**node, "normalizers": kept} if kept else None), True
+    return node, False
+
+
+def _metaspace_first(node: Any) -> Any:
+    if isinstance(node, dict):
+        if node.get("type") == "Metaspace" and node.get("prepend_scheme") == "always":
+            return {**node, "prepend_scheme": "first"}
+        return {k: _metaspace_first(v) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_metaspace_first(n) for n in node]
+    return node
+
+
+def _set_dummy_prefix(node: Any, dummy_prefix: bool) -> Any:
+    """Rewrite a (non-legacy) tokenizers JSON spec so Llama's `▁` dummy prefix is always (True) or never (False)
+    added: Metaspace pre-tokenizers get `prepend_scheme` always/never."""
+    if isinstance(node, list):
+        return [_set_dummy_prefix(n, dummy_prefix) for n in node]
+    if not isinstance(node, dict):
+        return node
+    if node.get("type") == "Metaspace":
+        return {**node, "prepend_scheme": "always" if dummy_prefix else "never"}
+    return {k: _set_dummy_prefix(v, dummy_prefix) for k, v in node.items()}
+
+
+def segment_tokenizer(tok: PreTrainedTokenizerBase, dummy_prefix: bool) -> Any:
+    """A `tokenizers.Tokenizer` over `tok`'s vocabulary for plain-text segments: special-token strings are never
+    matched (`encode_special_tokens=True`), no special tokens are added, and Llama's `▁` dummy prefix is always
+    (`dummy_prefix=True`, text at the start of a sequence) or never (text after a special token) added.
+    Used by `orca8k.data.chat_format.ChatEncoder`; ids equal `tok`'s for text without special-token strings.
+    """
+    from tokenizers import Tokenizer
+
+    spec = normalised_spec(json.loads(tok.backend_tokenizer.to_str()))
+    spec["pre_tokenizer"] = _set_dummy_prefix(spec.get("pre_tokenizer"), dummy_prefix)
+    spec["post_processor"] = None  # segments get no special tokens; they are inserted by id
+    spec["padding"] = spec["truncation"] = None
+    segments = Tokenizer.from_str(json.dumps(spec))
+    segments.encode_special_tokens = True  # text is never parsed for special tokens
+    return segments
+
+
+def load_base_tokenizer(name_or_path: str | Path, revision: str | None = None) -> PreTrainedTokenizerBase:
+    """Load a Llama base tokenizer (a folder with `tokenizer.model` and/or `tokenizer.json`, or a hub id).
+
+    Loaded as transformers' `LlamaTokenizer` (tokenizers-backed; ids equal sentencepiece's), with the settings
+    that change tokenization fixed: `legacy=False`, no automatic BOS/EOS (`orca8k.data.chat_format` adds them).
+    Never uses `trust_remote_code`.
+
+    Raises:
+        orca8k.errors.StageInputMissing: a local folder without `tokenizer.model` or `tokenizer.json`.
+    """
+    from transformers import LlamaTokenizer
+
+    from orca8k.errors import StageInputMissing
+
+    local = Path(name_or_path)
+    if local.is_dir() and not ((local / "tokenizer.model").is_file() or (local / "tokenizer.json").is_file()):
+        raise StageInputMissing(f"{local}: no tokenizer.model or tokenizer.json (is the base stage done?)")
+    return LlamaTokenizer.from_pretrained(
+        str(name_or_path), revision=revision, legacy=False, add_bos_token=False, add_eos_token=False,
+        trust_remote_code=False,
     )
+
+
+def fix_tokenization_settings(tok: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
+    """Pin the settings that change tokenization, in the backend and in what `save_pretrained` writes (in place).
+
+    - the backend pipeline is non-legacy (`normalised_spec`), and `legacy=False` is saved, so a reload as
+      `LlamaTokenizer` rebuilds the same pipeline;
+    - no automatic BOS/EOS: the post-processor adds nothing. transformers 5 does not save `add_bos_token` /
+      `add_eos_token`; the post-processor saved in `tokenizer.json` is what survives a reload, so it is the one to
+      pin (`update_post_processor` with both off gives `$A` alone).
+
+    Raises:
+        ValueError: see `normalised_spec`.
+    """
+    from tokenizers import Tokenizer
+
+    backend = tok.backend_tokenizer
+    spec = json.loads(backend.to_str())
+    fixed = normalised_spec(spec)
+    if fixed != spec:
+        rebuilt = Tokenizer.from_str(json.dumps(fixed))
+        backend.normalizer = rebuilt.normalizer
+        backend.pre_tokenizer = rebuilt.pre_tokenizer
+    tok.legacy = False
+    tok.init_kwargs["legacy"] = False
+    tok.add_eos_token = False  # each setter rebuilds the post-processor from both flags
+    tok.add_bos_token = False
     return tok
 
 
 def prepare_tokenizer(tok: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
     """Turn a base tokenizer into the OA fine-tuning tokenizer (in place; also returned).
 
-    Adds the five OA special tokens (new ids after the base vocabulary: 32,000 → 32,005 for Llama-2), sets
-    pad = eos = `</s>`, right padding for training, and the OA chat template (`orca8k.data.chat_format`).
+    Adds the five OA special tokens (new ids after the base vocabulary: 32,000 → 32,005 for Llama-2; each one id,
+    never split, never normalised), sets pad = eos = `</s>`, right padding for training, the OA chat template
+    (`orca8k.data.chat_format.OA_CHAT_TEMPLATE`), and pins the tokenization settings (`fix_tokenization_settings`:
+    non-legacy pipeline, no automatic BOS/EOS) so that they survive `save_pretrained` + reload.
+
+    Raises:
+        ValueError: an unsupported backend pipeline (see `normalised_spec`), or the result breaks the contract
+            (see `check_tokenizer`).
     """
+    from tokenizers import AddedToken
+
     from orca8k.data.chat_format import OA_CHAT_TEMPLATE
 
-    tok.add_special_tokens({"additional_special_tokens": list(OA_SPECIAL_TOKENS)}, replace_extra_special_tokens=False)
+    fix_tokenization_settings(tok)
+    for name, token in (("bos_token", BOS), ("eos_token", EOS), ("unk_token", UNK)):
+        if getattr(tok, name) is None:  # a bare tokenizer.json names none of them
+            setattr(tok, name, token)
+    new = [AddedToken(t, special=True, normalized=False, lstrip=False, rstrip=False, single_word=False)
+           for t in OA_SPECIAL_TOKENS]
+    tok.add_special_tokens({"additional_special_tokens": new}, replace_extra_special_tokens=False)
     tok.pad_token = tok.eos_token
     tok.padding_side = "right"
     tok.chat_template = OA_CHAT_TEMPLATE
+    check_tokenizer(tok)
     return tok
 
 
@@ -123,15 +263,25 @@ def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
 def check_tokenizer(tok: PreTrainedTokenizerBase) -> None:
     """Assert the OA tokenizer contract: special tokens are single known ids, pad = eos, bos present.
 
+    Also checks the pinned tokenization settings: a non-legacy pipeline and no automatic BOS/EOS.
+
     Raises:
-        ValueError: naming the token that breaks the contract.
+        ValueError: naming the token or setting that breaks the contract.
     """
     for token in (BOS, EOS, *OA_SPECIAL_TOKENS):
         ids = tok.convert_tokens_to_ids([token])
         if len(ids) != 1 or ids[0] is None or ids[0] == tok.unk_token_id:
             raise ValueError(f"tokenizer: {token!r} is not a single known token")
+    if (tok.bos_token, tok.eos_token) != (BOS, EOS):
+        raise ValueError(f"tokenizer: bos/eos are {tok.bos_token!r}/{tok.eos_token!r}, expected {BOS!r}/{EOS!r}")
     if tok.pad_token != tok.eos_token:
         raise ValueError(f"tokenizer: pad {tok.pad_token!r} != eos {tok.eos_token!r}")
+    spec = json.loads(tok.backend_tokenizer.to_str())
+    if normalised_spec(spec) != spec:
+        raise ValueError("tokenizer: legacy pipeline (a `▁` after each special token); use prepare_tokenizer")
+    probe = tok("a", add_special_tokens=True)["input_ids"]
+    if tok.bos_token_id in probe or tok.eos_token_id in probe:
+        raise ValueError("tokenizer: adds BOS/EOS by itself; orca8k.data.chat_format.ChatEncoder.add_bos adds BOS")
 
 
 def padded_vocab_size(tok: PreTrainedTokenizerBase, multiple: int) -> int:

@@ -1,0 +1,130 @@
+"""Packing tokenized examples into rows of at most `max_length` tokens without cross-contamination.
+
+A packed row is the concatenation of whole examples; `position_ids` restart at 0 at each example. transformers
+(5.24, `masking_utils.find_packed_sequence_indices`) reads a restart of `position_ids` as a sequence boundary when
+the batch has *no* `attention_mask` and the forward has no cache: the sdpa/eager mask becomes block-diagonal causal,
+and flash-attention-2 runs varlen over the same boundaries. Each example's position 0 (`<s>`) is labelled -100
+(`orca8k.data.chat_format`), so no example is trained to predict the next one's first token. Together: the loss,
+gradients and logits of a packed row equal those of its examples run one by one (tests/test_packing.py).
+
+Rows are planned by best-fit decreasing bin packing (Johnson 1973; deterministic: ties broken by example index),
+which fills rows to > 95 % on typical length mixes, far above sequential greedy packing.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+if TYPE_CHECKING:
+    import pyarrow as pa
+
+
+def plan_bins(lengths: Sequence[int] | np.ndarray, max_length: int) -> list[list[int]]:
+    """Best-fit decreasing: group example indices into bins whose total length is at most `max_length`.
+
+    Examples are taken longest first (ties: lower index first); each goes to the fullest bin it fits in, or opens a
+    new bin. Inside a bin, indices are in insertion order (longest first).
+
+    Args:
+        lengths: tokens per example.
+        max_length: capacity of a bin (tokens).
+
+    Returns:
+        Bins, each a list of example indices; every index appears exactly once.
+
+    Raises:
+        ValueError: an example is longer than `max_length` or not longer than 0.
+    """
+    lengths = np.asarray(lengths, dtype=np.int64)
+    if lengths.size and (lengths.max() > max_length or lengths.min() <= 0):
+        bad = int(np.argmax((lengths > max_length) | (lengths <= 0)))
+        raise ValueError(f"example {bad}: length {int(lengths[bad])} is outside 1..max_length={max_length}")
+    order = np.lexsort((np.arange(lengths.size), -lengths))
+    bins: list[list[int]] = []
+    free: list[tuple[int, int]] = []  # (remaining capacity, bin index), sorted
+    for i in order.tolist():
+        n = int(lengths[i])
+        k = bisect.bisect_left(free, (n, -1))
+        if k == len(free):
+            bins.append([i])
+            rest, b = max_length - n, len(bins) - 1
+        else:
+            rest, b = free.pop(k)
+            bins[b].append(i)
+            rest -= n
+        if rest > 0:
+            bisect.insort(free, (rest, b))
+    return bins
+
+
+def _gather(values: np.ndarray, offsets: np.ndarray, order: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Concatenate the rows `order` of a ragged array (flat `values`, `offsets`); returns (values, row lengths)."""
+    starts, lens = offsets[order], offsets[order + 1] - offsets[order]
+    total = int(lens.sum())
+    shift = np.repeat(starts - np.concatenate([[0], np.cumsum(lens)[:-1]]), lens)
+    return values[np.arange(total) + shift], lens
+
+
+def pack_table(table: pa.Table, max_length: int) -> pa.Table:
+    """Pack the examples of an Arrow table (`input_ids`, `labels` list columns) into rows of ≤ `max_length` tokens.
+
+    Args:
+        table: one example per row; `input_ids` and `labels` of equal length per row; other columns are dropped.
+        max_length: tokens per packed row.
+
+    Returns:
+        A table with `input_ids`, `labels`, `position_ids` (`list<int32>`, restarting at 0 at each example) and
+        `num_examples` (`int32`), one row per bin of `plan_bins`, in bin order.
+
+    Raises:
+        ValueError: `input_ids` and `labels` differ in length somewhere, or an example exceeds `max_length`.
+    """
+    import pyarrow as pa
+
+    ids_col = table.column("input_ids").combine_chunks()
+    labels_col = table.column("labels").combine_chunks()
+    offsets = ids_col.offsets.to_numpy().astype(np.int64)
+    lengths = np.diff(offsets)
+    if not np.array_equal(lengths, np.diff(labels_col.offsets.to_numpy())):
+        raise ValueError("pack_table: input_ids and labels differ in length in some row")
+    offsets = offsets - offsets[0]
+    ids = ids_col.flatten().to_numpy()
+    labels = labels_col.flatten().to_numpy()
+    bins = plan_bins(lengths, max_length)
+    order = np.fromiter((i for b in bins for i in b), dtype=np.int64, count=len(lengths))
+    packed_ids, lens = _gather(ids, offsets, order)
+    packed_labels, _ = _gather(labels, offsets, order)
+    starts = np.concatenate([[0], np.cumsum(lens)[:-1]])
+    positions = (np.arange(int(lens.sum())) - np.repeat(starts, lens)).astype(np.int32)
+    per_bin = np.array([len(b) for b in bins], dtype=np.int64)
+    row_tokens = np.add.reduceat(lens, np.concatenate([[0], np.cumsum(per_bin)[:-1]])) if bins else np.array([], np.int64)
+    row_offsets = pa.array(np.concatenate([[0], np.cumsum(row_tokens)]).astype(np.int32))
+
+    def ragged(values: np.ndarray) -> pa.Array:
+        return pa.ListArray.from_arrays(row_offsets, pa.array(values.astype(np.int32)))
+
+    return pa.table({
+        "input_ids": ragged(packed_ids),
+        "labels": ragged(packed_labels),
+        "position_ids": ragged(positions),
+        "num_examples": pa.array(per_bin.astype(np.int32)),
+    })
+
+
+def pack_examples(examples: Sequence[dict[str, Sequence[int]]], max_length: int) -> list[dict[str, list[int]]]:
+    """`pack_table` for a list of `{"input_ids", "labels"}` dicts (tests, small data).
+
+    Returns:
+        Packed rows `{"input_ids", "labels", "position_ids", "num_examples"}`.
+    """
+    import pyarrow as pa
+
+    table = pa.table({
+        "input_ids": pa.array([list(e["input_ids"]) for e in examples], pa.list_(pa.int32())),
+        "labels": pa.array([list(e["labels"]) for e in examples], pa.list_(pa.int32())),
+    })
+    return pack_table(table, max_length).to_pylist()

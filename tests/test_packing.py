@@ -1,0 +1,179 @@
+"""Packing and collation: exact bins, no cross-contamination (loss, gradients and logits equal the unpacked ones),
+padding on either side supervising exactly one `</s>` per reply, and a finite loss without supervised tokens."""
+
+from __future__ import annotations
+
+import pytest
+
+from orca8k.data.chat_format import IGNORE_INDEX
+from orca8k.data.collate import CausalLMCollator, causal_lm_loss
+from orca8k.data.packing import pack_examples, plan_bins
+from tests.fixtures.models import make_tiny_llama
+from tests.fixtures.tokenize import mix_rows
+
+
+def test_best_fit_decreasing_bins_are_exact_and_deterministic():
+    lengths = [5, 9, 3, 7, 2, 8, 1, 4]
+    bins = plan_bins(lengths, 10)
+    # longest first: 9→new, 8→new, 7→new, 5→new, 4→ fullest bin with room (the 5's: 5+4=9), 3→ the 7's (10),
+    # 2→ the 8's (10), 1→ the 9's (10)
+    assert bins == [[1, 6], [5, 4], [3, 2], [0, 7]]
+    assert sorted(i for b in bins for i in b) == list(range(len(lengths)))
+    assert all(sum(lengths[i] for i in b) <= 10 for b in bins)
+    assert plan_bins([3, 3, 3], 10) == [[0, 1, 2]]  # ties: lower index first
+    assert plan_bins([], 10) == []
+    with pytest.raises(ValueError, match="example 1: length 11 is outside 1..max_length=10"):
+        plan_bins([3, 11], 10)
+
+
+def test_packed_rows_restart_positions_and_keep_every_token():
+    examples = [{"input_ids": [1] + [10 + k] * (n - 1), "labels": [IGNORE_INDEX] + [10 + k] * (n - 1)}
+                for k, n in enumerate([5, 9, 3, 7, 2, 8, 1, 4])]
+    rows = pack_examples(examples, 10)
+    assert [r["num_examples"] for r in rows] == [2, 2, 2, 2]
+    assert rows[0]["input_ids"] == [1] + [11] * 8 + [1]  # example 1 (9 tokens) then example 6 (1 token)
+    assert rows[0]["position_ids"] == list(range(9)) + [0]
+    assert rows[1]["position_ids"] == list(range(8)) + [0, 1]
+    assert rows[1]["labels"] == [IGNORE_INDEX] + [15] * 7 + [IGNORE_INDEX, 14]
+    assert sorted(t for r in rows for t in r["input_ids"]) == sorted(t for e in examples for t in e["input_ids"])
+    assert sum(r["input_ids"].count(1) for r in rows) == len(examples)  # one <s> per example
+
+
+def chat_batch(tokenizer, n: int, max_length: int = 64):
+    from orca8k.data.chat_format import ChatEncoder
+
+    rows = mix_rows(n_chat=n, n_text=0, seed=11)
+    enc = ChatEncoder(tokenizer)
+    out = []
+    for r in enc.encode_rows([r["kind"] for r in rows], [r["messages"] for r in rows], [None] * n, max_length):
+        out += [{"input_ids": e.input_ids, "labels": e.labels, "turns": e.meta["assistant_turns"]} for e in r.examples]
+    return out
+
+
+def forward(model, batch, **kwargs):
+    return model(**{k: v for k, v in batch.items() if k != "labels"}, use_cache=False, **kwargs)
+
+
+def loss_and_grads(model, batch):
+    model.zero_grad()
+    out = forward(model, batch)
+    loss = causal_lm_loss(out, batch["labels"])
+    loss.backward()
+    return loss.detach(), [p.grad.detach().clone() for p in model.parameters()], out.logits.detach()
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_packed_batch_equals_the_same_examples_unpacked(tokenizer, attn):
+    import torch
+
+    examples = chat_batch(tokenizer, 6)
+    text = [{"input_ids": [1, 30, 31, 32, 33, 2], "labels": [IGNORE_INDEX, 30, 31, 32, 33, 2]}]
+    examples = examples + text
+    rows = pack_examples(examples, 128)
+    assert len(rows) < len(examples)  # something was actually packed together
+    model = make_tiny_llama(len(tokenizer), context=128, attn_implementation=attn).train()
+    packed = CausalLMCollator(pad_token_id=tokenizer.pad_token_id)(rows)
+    assert "attention_mask" not in packed
+    unpacked = CausalLMCollator(pad_token_id=tokenizer.pad_token_id)(examples)
+    assert int((packed["labels"] != IGNORE_INDEX).sum()) == int((unpacked["labels"] != IGNORE_INDEX).sum())
+    lp, gp, logits_packed = loss_and_grads(model, packed)
+    lu, gu, _ = loss_and_grads(model, unpacked)
+    assert torch.isfinite(lp) and abs(lp.item() - lu.item()) < 1e-5
+    assert max((a - b).abs().max().item() for a, b in zip(gp, gu, strict=True)) < 1e-5
+    # the logits of each packed example equal its logits alone (row r holds bins[r], in order)
+    model.eval()
+    bins = plan_bins([len(e["input_ids"]) for e in examples], 128)
+    with torch.no_grad():
+        for r, members in enumerate(bins):
+            start = 0
+            for i in members:
+                ids = examples[i]["input_ids"]
+                assert rows[r]["input_ids"][start:start + len(ids)] == ids
+                alone = model(input_ids=torch.tensor([ids]), use_cache=False).logits[0]
+                assert (logits_packed[r, start:start + len(ids)] - alone).abs().max().item() < 1e-5
+                start += len(ids)
+
+
+def test_a_cache_disables_packed_detection_in_transformers_5_24(tokenizer):
+    """Why the collator's contract says `use_cache=False`: with a cache, attention crosses examples."""
+    import torch
+
+    rows = pack_examples(chat_batch(tokenizer, 4), 128)
+    batch = CausalLMCollator(pad_token_id=tokenizer.pad_token_id)(rows)
+    model = make_tiny_llama(len(tokenizer), context=128)
+    model.config.use_cache = True
+    with torch.no_grad():
+        safe = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits
+        cached = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"]).logits
+    assert (safe - cached).abs().max().item() > 1e-3
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_padded_batches_supervise_exactly_one_eos_per_reply(tokenizer, side):
+    import torch
+
+    examples = chat_batch(tokenizer, 5)
+    batch = CausalLMCollator(pad_token_id=tokenizer.pad_token_id, padding_side=side, pad_to_multiple_of=8)(examples)
+    eos = tokenizer.eos_token_id
+    assert batch["input_ids"].shape[1] % 8 == 0
+    for i, e in enumerate(examples):
+        n = len(e["input_ids"])
+        real = batch["attention_mask"][i].bool()
+        assert int(real.sum()) == n
+        assert int(((batch["labels"][i] == eos) & real).sum()) == e["turns"] >= 1
+        assert int((batch["labels"][i] == eos).sum()) == e["turns"]  # padding (eos ids) is never supervised
+        assert int((batch["input_ids"][i][~real] == eos).sum()) == batch["input_ids"].shape[1] - n  # pad = eos
+        span = slice(0, n) if side == "right" else slice(batch["input_ids"].shape[1] - n, None)
+        assert batch["input_ids"][i, span].tolist() == e["input_ids"]
+        assert batch["position_ids"][i, span].tolist() == list(range(n))
+    # both sides give the same logits on the real tokens
+    model = make_tiny_llama(len(tokenizer), context=128)
+    other = CausalLMCollator(pad_token_id=tokenizer.pad_token_id)(examples)
+    with torch.no_grad():
+        a, b = forward(model, batch).logits, forward(model, other).logits
+    for i, e in enumerate(examples):
+        n = len(e["input_ids"])
+        got = a[i, :n] if side == "right" else a[i, a.shape[1] - n:]
+        assert (got - b[i, :n]).abs().max().item() < 1e-5
+
+
+def test_an_all_masked_batch_gives_loss_zero_not_nan(tokenizer):
+    import torch
+
+    batch = CausalLMCollator(pad_token_id=2)([{"input_ids": [1, 40, 41, 2], "labels": [IGNORE_INDEX] * 4},
+                                             {"input_ids": [1, 42], "labels": [IGNORE_INDEX] * 2}])
+    model = make_tiny_llama(len(tokenizer)).train()
+    out = forward(model, batch)
+    loss = causal_lm_loss(out, batch["labels"])
+    assert loss.item() == 0.0
+    loss.backward()
+    assert all(torch.isfinite(p.grad).all() and not p.grad.any() for p in model.parameters())
+    assert causal_lm_loss(out, batch["labels"], num_items_in_batch=torch.tensor(0)).item() == 0.0
+    assert torch.isnan(model(**batch, use_cache=False).loss)  # transformers' own loss: NaN here
+
+
+def test_num_items_in_batch_weighs_every_target_equally_across_micro_batches(tokenizer):
+    import torch
+
+    examples = chat_batch(tokenizer, 4)
+    model = make_tiny_llama(len(tokenizer), context=128)
+    collate = CausalLMCollator(pad_token_id=2)
+    whole = collate(examples)
+    parts = [collate(examples[:1]), collate(examples[1:])]
+    total = int(sum((p["labels"][:, 1:] != IGNORE_INDEX).sum() for p in parts))
+    with torch.no_grad():
+        accumulated = sum(causal_lm_loss(forward(model, p), p["labels"], num_items_in_batch=total) for p in parts)
+        reference = causal_lm_loss(forward(model, whole), whole["labels"])
+    assert abs(accumulated.item() - reference.item()) < 1e-5
+
+
+def test_collator_rejects_inconsistent_rows():
+    collate = CausalLMCollator(pad_token_id=2, max_length=4)
+    with pytest.raises(ValueError, match="row 0 has 5 tokens > max_length=4"):
+        collate([{"input_ids": [1, 2, 3, 4, 5], "labels": [1, 2, 3, 4, 5]}])
+    with pytest.raises(ValueError, match="row 1: input_ids, labels and position_ids differ"):
+        collate([{"input_ids": [1], "labels": [1]}, {"input_ids": [1, 2], "labels": [1]}])
+    with pytest.raises(ValueError, match="mixes packed rows"):
+        collate([{"input_ids": [1], "labels": [1], "position_ids": [0]}, {"input_ids": [1], "labels": [1]}])
+    with pytest.raises(ValueError, match="padding_side"):
+        CausalLMCollator(pad_token_id=2, padding_side="middle")

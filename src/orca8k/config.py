@@ -274,11 +274,24 @@ class PasskeyConfig(StrictModel):
 
 
 class EvaluateConfig(StrictModel):
-    context_factors: list[float] = Field(description="PPL-vs-length at these multiples of the native context.")
+    context_factors: list[float] = Field(
+        description="PPL-vs-length at these multiples of the native context; 1.0 and 2.0 are required (ppl_1x, ppl_2x)."
+    )
     scored_tail_tokens: int = Field(ge=1, description="Each window scores only its last N tokens.")
     tokens_per_length: int = Field(ge=1, description="Scored tokens per context length (a fixed budget).")
     per_device_eval_batch_size: int = Field(ge=1)
     passkey: PasskeyConfig
+
+    @model_validator(mode="after")
+    def _factors(self) -> EvaluateConfig:
+        missing = [f for f in (1.0, 2.0) if f not in self.context_factors]
+        if missing:
+            raise ValueError(f"context_factors must contain {missing} (the registry gate reads ppl_1x and ppl_2x)")
+        if any(f <= 0 for f in self.context_factors + self.passkey.context_factors):
+            raise ValueError("context factors must be positive")
+        if any(not 0.0 <= d <= 1.0 for d in self.passkey.depths):
+            raise ValueError("passkey.depths must lie in [0, 1]")
+        return self
 
 
 # --------------------------------------------------------------------------------------------------- sampling

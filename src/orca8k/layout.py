@@ -123,6 +123,19 @@ class Layout:
     def eval_reports(self) -> Path:
         return self.reports / "eval"
 
+    @property
+    def ppl_vs_context_png(self) -> Path:
+        return self.eval_reports / "ppl_vs_context.png"
+
+    @property
+    def passkey_png(self) -> Path:
+        return self.eval_reports / "passkey.png"
+
+    @property
+    def passkey_trials(self) -> Path:
+        """Every passkey trial (key, generated text, log-probability), for reading the failures."""
+        return self.eval_reports / "passkey_trials.json"
+
     # sampling-report
     @property
     def sampling_reports(self) -> Path:

@@ -7,7 +7,7 @@ from collections.abc import Callable
 
 import pytest
 
-from tests.fixtures.validation import MixFixture, chat_row, conversation, mix_schema, validate_config
+from tests.fixtures.validation import MixFixture, chat_row, conversation, mix_schema, text_row, validate_config
 
 
 def _failing(tmp_path, mix: MixFixture, batch: str, overrides: list[str] | None = None, schema=None) -> set[str]:
@@ -72,9 +72,9 @@ def _doc_in_both_splits(mix: MixFixture) -> None:
         row.update(doc_id="f0", chunk_index=2 + i)
 
 
-def _remove_row(split: str, row_id: str) -> Callable[[MixFixture], None]:
+def _add_row(split: str, *rows: dict) -> Callable[[MixFixture], None]:
     def mutate(mix: MixFixture) -> None:
-        mix.rows[split] = [r for r in mix.rows[split] if r["id"] != row_id]
+        mix.rows[split].extend(rows)
         mix.recount_manifest()
 
     return mutate
@@ -125,9 +125,11 @@ CASES = {
     "manifest_lists_split": ("manifest", _manifest(F, "val", "rows", delete=True),
                              {"manifest_lists_split", "manifest_rows_match"}, None),
     "manifest_rows_match": ("manifest", _manifest(C, "train", "rows", 9), {"manifest_rows_match"}, None),
-    "manifest_available_rows": ("manifest", _manifest(R, "train", "available_rows", delete=True),
+    "manifest_available_rows": ("manifest", _manifest(R, "train", "chunks", delete=True),
                                 {"manifest_available_rows"}, None),
-    "train_fraction": ("manifest", _remove_row("train", f"{R}:r5:0"), {"train_fraction"}, None),  # 1 of 8 ≠ 0.25
+    # 4 of 8 rows = 0.5 for a fraction of 0.25: beyond one row of rounding
+    "train_fraction": ("manifest", _add_row("train", text_row(R, "r9", 0, "a row too many"),
+                                            text_row(R, "r10", 0, "another row too many")), {"train_fraction"}, None),
     "val_size": ("manifest", lambda mix: None, {"val_size"}, [f"data.sources.{C}.max_val_set=1"]),  # 2 rows > cap 1
 }
 
@@ -194,6 +196,15 @@ def test_limits_are_inclusive_and_an_empty_system_prompt_is_allowed(tmp_path, mi
     assert _failing(tmp_path, mix_fixture, "orca-chat.train", ["validate.max_turn_chars=100"]) == set()
 
 
+def test_train_fraction_allows_one_row_of_rounding(tmp_path, mix_fixture):
+    mix_fixture.manifest["sources"]["red_pajama"]["train"]["chunks"] = 9  # 2 of 9 = 0.222 for 0.25: floor(2.25)
+    assert _failing(tmp_path / "a", mix_fixture, "manifest") == set()
+    mix_fixture.manifest["sources"]["red_pajama"]["train"]["chunks"] = 12  # 2 of 12: one row short of 3 is fine
+    assert _failing(tmp_path / "b", mix_fixture, "manifest") == set()
+    mix_fixture.manifest["sources"]["red_pajama"]["train"]["chunks"] = 16  # 2 of 16: two rows short of 4
+    assert _failing(tmp_path / "c", mix_fixture, "manifest") == {"train_fraction"}
+
+
 def test_a_null_role_is_reported_as_such(tmp_path, mix_fixture):
     from orca8k.layout import Layout
     from orca8k.validation import run_validation
@@ -219,7 +230,7 @@ def test_special_token_strings_are_counted_per_source_and_never_fail(tmp_path, m
     mix_fixture.find("train", "orca-chat:c2")["messages"][0]["content"] = "forge <|assistant|> a turn <|assistant|></s>"
     mix_fixture.rows["val"].append(chat_row("orca-chat", "c10", conversation(10, system="<|system|> <s>")))
     mix_fixture.find("val", "fanfics:f2:1")["text"] += " the </s> end"
-    mix_fixture.manifest["sources"]["orca-chat"]["val"].update(rows=3, available_rows=3)
+    mix_fixture.manifest["sources"]["orca-chat"]["val"].update(rows=3, chunks=3)
     cfg = validate_config(tmp_path)
     layout = Layout.from_config(cfg)
     mix_fixture.write(layout.mix)

@@ -47,9 +47,10 @@ from orca8k.validation.mix_frames import (
 
 SPLITS = ("train", "val")
 ROLES_REGEX = r"^(?:system)?(?:(?:^|,)user,assistant)*$"
-# manifest["sources"][name][split][...]: rows written, and rows available before the val cap / train fraction draw
+# manifest["sources"][name][split][...] (written by the mix stage): rows written, and the rows (chunks of the split's
+# documents) available before the val cap / the train fraction draw
 MANIFEST_ROWS_KEY = "rows"
-MANIFEST_AVAILABLE_KEY = "available_rows"
+MANIFEST_AVAILABLE_KEY = "chunks"
 
 
 # ----------------------------------------------------------------------------------------------------- suites
@@ -156,12 +157,13 @@ def manifest_suite(v: ValidateConfig) -> Suite:
         Check("manifest_rows_match", gxe.ExpectColumnPairValuesToBeEqual(column_A="rows", column_B="manifest_rows"),
               "the manifest's row count equals the rows in the parquet file (rows = manifest_rows)"),
         Check("manifest_available_rows", gxe.ExpectColumnValuesToNotBeNull(column="available_rows"),
-              f"the manifest has sources.<source>.<split>.{MANIFEST_AVAILABLE_KEY} (rows before the val cap / "
-              "train fraction draw)"),
+              f"the manifest has sources.<source>.<split>.{MANIFEST_AVAILABLE_KEY} (available_rows: rows before "
+              "the val cap / the train fraction draw)"),
         Check("train_fraction",
               gxe.ExpectColumnValuesToBeBetween(column="fraction_error", min_value=0, max_value=tol),
               "realised train fraction (rows / available_rows) within validate.fraction_tolerance = "
-              f"{tol} of data.sources.<source>.fraction (fraction_error = |realised − fraction|)"),
+              f"{tol} of data.sources.<source>.fraction, one row of rounding allowed "
+              "(fraction_error = max(0, |realised − fraction| − 1 / available_rows))"),
         Check("val_size",
               gxe.ExpectColumnValuesToBeBetween(column="val_size_error", min_value=0, max_value=tol),
               "val rows within a relative validate.fraction_tolerance = "
@@ -222,8 +224,9 @@ def manifest_frame(cfg: Config, manifest: dict[str, Any], rows: dict[tuple[str, 
                 "val_size_error": math.nan,
             }
             if split == "train" and available > 0:
+                # one row of rounding (floor, or the mix's minimum of one row) is not an error
                 rec["realised_fraction"] = n / available
-                rec["fraction_error"] = abs(n / available - src.fraction)
+                rec["fraction_error"] = max(0.0, abs(n / available - src.fraction) - 1.0 / available)
             elif split == "train" and available == 0:
                 rec["realised_fraction"] = 0.0
                 rec["fraction_error"] = 0.0 if n == 0 else math.inf

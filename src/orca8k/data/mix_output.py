@@ -37,11 +37,11 @@ MIX_SCHEMA = pa.schema(
     ]
 )
 _FLUSH_ROWS = 4096
-_FLUSH_CHARS = 32 * 1024 * 1024  # bounds the writer's buffer (peak memory) whatever the row sizes
+_FLUSH_CHARS = 8 * 1024 * 1024  # bounds the writer's buffer (peak memory) whatever the row sizes
 
 
 class ParquetSink:
-    """Streams rows into one parquet file with `MIX_SCHEMA`, flushing a row group every 4,096 rows or 32 M chars.
+    """Streams rows into one parquet file with `MIX_SCHEMA`, flushing a row group every 4,096 rows or 8 M chars.
 
     Also keeps per-sink counts and the sha256 of the ids written (in order), for the manifest.
     """
@@ -49,7 +49,7 @@ class ParquetSink:
     def __init__(self, path: Path) -> None:
         self.path = path
         self._writer = pq.ParquetWriter(
-            path, MIX_SCHEMA, compression="zstd", compression_level=3, use_dictionary=["source", "kind"],
+            path, MIX_SCHEMA, compression="zstd", compression_level=1, use_dictionary=["source", "kind"],
             write_statistics=["chunk_index"],
         )
         self._cols: dict[str, list[Any]] = {name: [] for name in MIX_SCHEMA.names}

@@ -282,12 +282,12 @@ def _iter_parquet(path: Path, columns: Sequence[str] | None, max_row_bytes: int 
     import pyarrow.parquet as pq
 
     try:
-        pf = pq.ParquetFile(path)
+        pf = pq.ParquetFile(path, buffer_size=1 << 22, pre_buffer=False)  # stream column chunks: flat memory
     except Exception as err:  # pyarrow raises several types for a broken file
         raise DataError(f"{path}: unreadable parquet file: {err}") from None
     present = [c for c in (columns or pf.schema_arrow.names) if c in pf.schema_arrow.names]
     offset, want_i, n_wanted = 0, 0, (len(wanted) if wanted is not None else 0)
-    for batch in pf.iter_batches(batch_size=256, columns=present, use_threads=False):
+    for batch in pf.iter_batches(batch_size=32, columns=present, use_threads=False):
         n = batch.num_rows
         if wanted is not None:
             idx = []

@@ -17,7 +17,6 @@ re-sharding and re-ordering, equal for exact duplicates); a row of the mix is `i
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -71,6 +70,20 @@ def _digest(kind: str, payload: str, field: str) -> bytes:
     return hashlib.blake2b(data, digest_size=16, person=kind.encode()).digest()
 
 
+def _chat_digest(messages: list[dict[str, str]]) -> bytes:
+    """blake2b-128 over `role NUL content NUL ...` — unambiguous, since contents with NUL are rejected."""
+    h = hashlib.blake2b(digest_size=16, person=b"chat")
+    try:
+        for m in messages:
+            h.update(m["role"].encode())
+            h.update(b"\0")
+            h.update(m["content"].encode("utf-8"))
+            h.update(b"\0")
+    except UnicodeEncodeError as err:
+        raise RowRejected("conversation", f"not encodable as UTF-8 (lone surrogate at char {err.start})") from None
+    return h.digest()
+
+
 def _require_object(row: Any) -> dict[str, Any]:
     if not isinstance(row, dict):
         raise RowRejected("(row)", f"expected a JSON object, got {type(row).__name__}")
@@ -105,10 +118,9 @@ def normalise_orca_chat(row: Any) -> Document:
             if turn.get(key) is None:
                 raise RowRejected(f"conversation[{i}].{key}", MISSING)
             messages.append({"role": role, "content": _string(turn[key], f"conversation[{i}].{key}")})
-    canonical = json.dumps(messages, ensure_ascii=False, separators=(",", ":"))
     return Document(
         kind="chat",
-        digest=_digest("chat", canonical, "conversation"),
+        digest=_chat_digest(messages),
         chars=sum(len(m["content"]) for m in messages),
         messages=messages,
     )

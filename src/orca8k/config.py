@@ -296,12 +296,18 @@ class EvaluateConfig(StrictModel):
 
 # --------------------------------------------------------------------------------------------------- sampling
 class SamplingConfig(StrictModel):
+    """The `sampling-report` stage (OA sampling reports) and the defaults of `orca8k generate`."""
+
     config_file: str = Field(description="OA `Configuration` JSON (repo-relative).")
     prompts_file: str = Field(description="JSONL, one JSON string per line (repo-relative).")
-    mode: Literal["v3", "v2_5"] = "v3"
+    model_name: str = Field(min_length=1, description="Name written into the reports and their file names.")
+    mode: Literal["v3", "v2_5"] = Field("v3", description="v3: pre_text as a <|system|> block; v2_5: no system block.")
+    num_samples: int = Field(2, ge=1, description="Outputs per prompt for a sampled configuration (greedy: 1).")
     max_new_tokens: int | None = Field(None, ge=1, description="Overrides the file's max_new_tokens (demo: smaller).")
-    batch_size: int = Field(8, ge=1)
+    batch_size: int = Field(8, ge=1, description="Prompts per generate call (left-padded).")
     skip_special_tokens: bool = True
+    dtype: Literal["fp32", "fp16", "bf16"] = Field("fp32", description="Weights dtype for sampling (CPU: fp32).")
+    device: str = Field("auto", description="auto (cuda when available, else cpu), cpu, cuda, cuda:1, ...")
 
 
 # --------------------------------------------------------------------------------------------------- tracking

@@ -139,7 +139,19 @@ class Layout:
     # sampling-report
     @property
     def sampling_reports(self) -> Path:
+        """OA `SamplingReport` JSON files, one per decoding configuration, named by OA's rule
+        (`orca8k.sampling.schema.report_filename`: the date and model name are in the name)."""
         return self.reports / "sampling"
+
+    @property
+    def sampling_summary(self) -> Path:
+        """`{"outputs", "empty_outputs", "proper_end_rate", "files", ...}`: the registry gate reads it."""
+        return self.sampling_reports / "summary.json"
+
+    @property
+    def sampling_index(self) -> Path:
+        """HTML page: per prompt, the configurations side by side."""
+        return self.sampling_reports / "index.html"
 
     # register
     @property

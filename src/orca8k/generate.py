@@ -1,0 +1,120 @@
+"""`orca8k generate`: chat with a model in the OA format from the command line.
+
+    orca8k generate "What is 12 + 30?"                                 # the pipeline's model (paths.model), greedy
+    orca8k generate --model artifacts/model --config nucleus9 --system "Answer briefly." "Tell me a story."
+
+The prompt is built by the same function as training (`ChatEncoder.encode_prompt`, BOS once; v3 with a system
+block when `--system` is given), decoded with a named configuration of `sampling.config_file`, and the new tokens
+are printed, cut at the first `</s>`. Several prompts run as one left-padded batch.
+
+`load_for_generation` is the one place that turns `--model` into (model, tokenizer): a local dir here; the
+registry adds `models:/<name>@<alias>` there.
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import TYPE_CHECKING
+
+from orca8k.config import Config
+from orca8k.errors import ConfigError
+from orca8k.layout import Layout
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+    from orca8k.sampling.generation import Generation
+
+
+def load_for_generation(cfg: Config, model: str | None) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, str]:
+    """Turn `--model` into (model, tokenizer, a display name).
+
+    Args:
+        cfg: the config (`paths.model` is the default; `sampling.dtype`/`device` apply).
+        model: a local model dir, or None for `paths.model`.
+
+    Returns:
+        (model in eval mode, tokenizer, name).
+
+    Raises:
+        orca8k.errors.StageInputMissing: the dir holds no model or tokenizer.
+        ConfigError: a `models:/` URI (registry loading is not available in this build).
+    """
+    from orca8k.sampling.loading import load_local_model
+
+    if model is not None and model.startswith("models:/"):
+        raise ConfigError(f"--model {model}: registry URIs are not supported yet; pass a local model dir")
+    path = Layout.from_config(cfg).model if model is None else model
+    m, tok = load_local_model(
+        path, dtype=cfg.sampling.dtype, device=cfg.sampling.device, attn_implementation=cfg.model.attn_implementation
+    )
+    return m, tok, str(path)
+
+
+def generate(
+    cfg: Config,
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: list[str],
+    *,
+    system: str | None = None,
+    config_name: str = "greedy",
+    max_new_tokens: int | None = None,
+) -> list[Generation]:
+    """Generate one reply per prompt with a named configuration of `cfg.sampling.config_file`.
+
+    Args:
+        cfg: the config (`sampling.config_file`, `batch_size`, `skip_special_tokens`, `seed`).
+        model: the causal LM.
+        tokenizer: its OA tokenizer.
+        prompts: user prompts.
+        system: system prompt (a `<|system|>` block); None uses the configuration's `pre_text`, "" none at all.
+        config_name: which configuration to decode with (merged over the file's default).
+        max_new_tokens: overrides the configuration's.
+
+    Returns:
+        One `Generation` per prompt.
+
+    Raises:
+        ConfigError: no configuration of that name in the file.
+        orca8k.errors.DataError: the configuration file is missing or malformed.
+    """
+    from orca8k.data.chat_format import ChatEncoder
+    from orca8k.sampling.generation import build_prompt_ids, derive_seed, generate_batched, resolve_generation_config
+    from orca8k.sampling.loading import repo_path
+    from orca8k.sampling.schema import load_configuration
+
+    configuration = load_configuration(repo_path(cfg.sampling.config_file))
+    merged = {c.name: c for c in configuration.merged()}
+    if config_name not in merged:
+        raise ConfigError(f"--config {config_name}: not in {cfg.sampling.config_file} (have: {', '.join(merged)})")
+    sc = merged[config_name]
+    args = dict(sc.generate_args)
+    if max_new_tokens is not None:
+        args["max_new_tokens"] = max_new_tokens
+    encoder = ChatEncoder(tokenizer)
+    gen_config = resolve_generation_config(model, args, eos_token_id=encoder.eos_id, pad_token_id=tokenizer.pad_token_id)
+    pre_text = sc.pre_text if system is None else system
+    ids = [
+        build_prompt_ids(encoder, p, mode=cfg.sampling.mode, pre_text=pre_text, add_prefix_tokens=bool(sc.add_prefix_tokens))
+        for p in prompts
+    ]
+    return generate_batched(
+        model, tokenizer, ids, gen_config, batch_size=cfg.sampling.batch_size,
+        skip_special_tokens=cfg.sampling.skip_special_tokens, seed=derive_seed(cfg.seed, config_name, 0),
+    )
+
+
+def generate_cli(cfg: Config, args: argparse.Namespace) -> None:
+    """`orca8k generate`: print each prompt's reply (and a note when it was cut at `--max-new-tokens`)."""
+    model, tokenizer, name = load_for_generation(cfg, args.model)
+    outputs = generate(
+        cfg, model, tokenizer, list(args.prompts), system=args.system, config_name=args.sampling_config,
+        max_new_tokens=args.max_new_tokens,
+    )
+    for prompt, out in zip(args.prompts, outputs):
+        print(f"### {name} [{args.sampling_config}] prompt: {prompt}")
+        print(out.text)
+        if not out.ended:
+            print(f"[cut at {out.new_tokens} new tokens: no </s>]")
+        print()

@@ -1,0 +1,148 @@
+"""Batched generation: OA prompt ids (BOS once), effective parameters, the eos cut, batched == unbatched greedy,
+reproducible sampling."""
+
+from __future__ import annotations
+
+import pytest
+
+from orca8k.data.chat_format import ChatEncoder
+from orca8k.model.tokenizer import ASSISTANT, BOS, EOS, PREFIX_BEGIN, PREFIX_END, PROMPTER, SYSTEM
+from orca8k.sampling.generation import (
+    build_prompt_ids,
+    cut_at_eos,
+    derive_seed,
+    effective_params,
+    generate_batched,
+    model_facts,
+    resolve_generation_config,
+)
+from orca8k.sampling.loading import load_local_model
+from tests.fixtures.models import make_tiny_llama
+from tests.fixtures.sampling import QA
+from tests.fixtures.sampling import SYSTEM as FIXTURE_SYSTEM
+
+
+@pytest.fixture()
+def encoder(tokenizer):
+    return ChatEncoder(tokenizer)
+
+
+def _ids(tokenizer, *tokens):
+    return tokenizer.convert_tokens_to_ids(list(tokens))
+
+
+def test_v3_prompt_ids_are_the_training_format_with_bos_once(tokenizer, encoder):
+    ids = build_prompt_ids(encoder, "What is 2 + 3?", mode="v3", pre_text="Be brief.")
+    bos, eos, sys_id, prompter, assistant = _ids(tokenizer, BOS, EOS, SYSTEM, PROMPTER, ASSISTANT)
+    expected = [bos, sys_id, *encoder.segment_ids("Be brief."), eos, prompter, *encoder.segment_ids("What is 2 + 3?"),
+                eos, assistant]
+    assert ids == expected
+    assert ids.count(bos) == 1
+    assert tokenizer.decode(ids) == "<s><|system|>Be brief.</s><|prompter|>What is 2 + 3?</s><|assistant|>"
+    # the training encoder gives the same prefix for the same conversation
+    chat = encoder.encode_chat([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is 2 + 3?"},
+                                {"role": "assistant", "content": "5"}])
+    assert chat.input_ids[: len(ids)] == ids
+
+
+def test_v2_5_has_no_system_block_and_oa_prefixes(tokenizer, encoder):
+    bos, sys_id, begin, end = _ids(tokenizer, BOS, SYSTEM, PREFIX_BEGIN, PREFIX_END)
+    plain = build_prompt_ids(encoder, "hi", mode="v2_5")
+    assert plain == build_prompt_ids(encoder, "hi", mode="v3") and sys_id not in plain
+    assert tokenizer.decode(plain) == "<s><|prompter|>hi</s><|assistant|>"
+    raw = build_prompt_ids(encoder, "hi", mode="v2_5", pre_text="Context.")
+    assert raw == [bos, *encoder.segment_ids("Context.", first=True), *plain[1:]] and sys_id not in raw
+    tagged = build_prompt_ids(encoder, "hi", mode="v2_5", pre_text="Context.", add_prefix_tokens=True)
+    assert tagged == [bos, begin, *encoder.segment_ids("Context."), end, *plain[1:]]
+    assert [x.count(bos) for x in (plain, raw, tagged)] == [1, 1, 1]
+    with pytest.raises(ValueError, match="unknown prompt mode 'v2'"):
+        build_prompt_ids(encoder, "hi", mode="v2")
+
+
+def test_cut_at_first_eos():
+    assert cut_at_eos([5, 6, 2, 7, 2, 2], 2) == ([5, 6, 2], True)
+    assert cut_at_eos([2, 2], 2) == ([2], True)
+    assert cut_at_eos([5, 6, 7], 2) == ([5, 6, 7], False)
+    assert cut_at_eos([], 2) == ([], False)
+
+
+def test_effective_params_include_library_and_checkpoint_defaults(tokenizer):
+    model = make_tiny_llama(len(tokenizer))
+    kw = {"eos_token_id": 2, "pad_token_id": 2}
+    sampled = effective_params(resolve_generation_config(model, {"do_sample": True, "temperature": 0.8, "max_new_tokens": 7}, **kw))
+    assert sampled["top_k"] == 50 and sampled["top_p"] == 1.0 and sampled["temperature"] == 0.8  # implicit top_k
+    assert sampled["max_new_tokens"] == 7 and sampled["repetition_penalty"] == 1.0
+    assert (sampled["eos_token_id"], sampled["pad_token_id"], sampled["do_sample"], sampled["num_beams"]) == (2, 2, True, 1)
+    assert "max_length" not in sampled and None not in sampled.values()
+    greedy = effective_params(resolve_generation_config(model, {"do_sample": False, "max_new_tokens": 7}, **kw))
+    assert not {"top_k", "top_p", "temperature"} & set(greedy) and greedy["do_sample"] is False
+    # a checkpoint's generation_config (Llama-2 ships temperature 0.6 / top_p 0.9) fills what the file leaves unset
+    model.generation_config.temperature, model.generation_config.top_p = 0.6, 0.9
+    merged = effective_params(resolve_generation_config(model, {"do_sample": True, "top_p": 0.95}, **kw))
+    assert (merged["temperature"], merged["top_p"], merged["top_k"]) == (0.6, 0.95, 50)
+
+
+def test_model_facts_record_dtype_and_rope(tokenizer):
+    model = make_tiny_llama(len(tokenizer), rope_scaling={"rope_type": "linear", "factor": 2.0})
+    facts = model_facts(model)
+    assert facts["dtype"] == "float32" and facts["max_position_embeddings"] == 64 and facts["device"] == "cpu"
+    assert facts["rope_parameters"]["rope_type"] == "linear" and facts["rope_parameters"]["factor"] == 2.0
+
+
+@pytest.fixture(scope="module")
+def trained(sampling_model_dir):
+    return load_local_model(sampling_model_dir, device="cpu")
+
+
+def test_greedy_batched_equals_unbatched_on_a_trained_model(trained):
+    model, tok = trained
+    enc = ChatEncoder(tok)
+    prompts = [build_prompt_ids(enc, q, pre_text=FIXTURE_SYSTEM) for q, _ in QA]
+    assert len({len(p) for p in prompts}) > 3  # rows really are padded
+    config = resolve_generation_config(model, {"do_sample": False, "max_new_tokens": 24}, eos_token_id=enc.eos_id,
+                                       pad_token_id=tok.pad_token_id)
+    one = generate_batched(model, tok, prompts, config, batch_size=1)
+    batched = generate_batched(model, tok, prompts, config, batch_size=len(prompts))
+    pairs = generate_batched(model, tok, prompts, config, batch_size=3)
+    assert [g.token_ids for g in batched] == [g.token_ids for g in one] == [g.token_ids for g in pairs]
+    # the trained model answers its questions and ends properly: the eos cut
+    assert [g.text for g in one] == [a for _, a in QA]
+    assert all(g.ended and g.token_ids[-1] == enc.eos_id and g.token_ids.count(enc.eos_id) == 1 for g in one)
+
+
+def test_eos_cut_and_special_tokens(trained):
+    model, tok = trained
+    enc = ChatEncoder(tok)
+    prompts = [build_prompt_ids(enc, q, pre_text=FIXTURE_SYSTEM) for q, _ in QA[:3]]
+    config = resolve_generation_config(model, {"max_new_tokens": 24}, eos_token_id=enc.eos_id, pad_token_id=tok.pad_token_id)
+    kept = generate_batched(model, tok, prompts, config, batch_size=3, skip_special_tokens=False)
+    assert [g.text for g in kept] == [f"{a}</s>" for _, a in QA[:3]]
+    assert not any(g.empty for g in kept)
+    # min_new_tokens = max_new_tokens forbids </s>: the output runs to the budget and is not a proper end
+    forced = resolve_generation_config(model, {"max_new_tokens": 5, "min_new_tokens": 5}, eos_token_id=enc.eos_id,
+                                       pad_token_id=tok.pad_token_id)
+    cut = generate_batched(model, tok, prompts, forced, batch_size=3)
+    assert [(g.new_tokens, g.ended) for g in cut] == [(5, False)] * 3
+    assert all(enc.eos_id not in g.token_ids for g in cut)
+
+
+def test_sampling_is_reproducible_for_a_fixed_seed(tokenizer, encoder):
+    model = make_tiny_llama(len(tokenizer))  # flat logits: sampling draws differ from seed to seed
+    prompts = [build_prompt_ids(encoder, p) for p in ("one", "two three", "four five six")]
+    config = resolve_generation_config(model, {"do_sample": True, "max_new_tokens": 8}, eos_token_id=encoder.eos_id,
+                                       pad_token_id=tokenizer.pad_token_id)
+    run = lambda seed: [g.token_ids for g in generate_batched(model, tokenizer, prompts, config, batch_size=2, seed=seed)]  # noqa: E731
+    first = run(123)
+    assert run(123) == first
+    assert run(124) != first
+    assert derive_seed(123, "k50", 0) == derive_seed(123, "k50", 0) != derive_seed(123, "k50", 1)
+    assert 0 <= derive_seed(123, "k50", 0) < 2**63
+
+
+def test_bad_arguments_raise(tokenizer):
+    model = make_tiny_llama(len(tokenizer))
+    config = resolve_generation_config(model, {}, eos_token_id=2, pad_token_id=2)
+    with pytest.raises(ValueError, match="batch_size must be >= 1"):
+        generate_batched(model, tokenizer, [[1, 5]], config, batch_size=0)
+    with pytest.raises(ValueError, match="empty prompt ids"):
+        generate_batched(model, tokenizer, [[]], config, batch_size=1)

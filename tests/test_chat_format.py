@@ -248,3 +248,50 @@ def test_encode_rows_names_the_bad_row(encoder):
         encoder.encode_rows(["image"], [None], [None], 64)
     with pytest.raises(ValueError, match="row 0: a text row needs a string"):
         encoder.encode_rows(["text"], [None], [None], 64)
+
+
+# ---------------------------------------------------------------------------------------- long texts in pieces
+def test_split_after_newlines_cuts_only_after_a_newline():
+    from orca8k.data.chat_format import split_after_newlines
+
+    assert split_after_newlines("", 4) == [""]
+    assert split_after_newlines("abcdef", 4) == ["abcdef"]  # no newline in reach: one piece
+    assert split_after_newlines("a\nbb\nccc\nd", 4) == ["a\n", "bb\n", "ccc\n", "d"]
+    assert split_after_newlines("aaaaa\nb", 2) == ["aaaaa\n", "b"]
+    assert split_after_newlines("ab\n\n", 3) == ["ab\n", "\n"]
+    text = "x" * 10 + "\n" + "y" * 3 + "\n\n" + "z" * 7
+    assert "".join(split_after_newlines(text, 5)) == text
+
+
+def test_pieces_encode_exactly_like_the_whole_text(tokenizer, encoder, request):
+    import json
+
+    from orca8k.data.chat_format import PIECE_CHARS
+    from tests.fixtures.tokenizer import corpus_lines
+
+    assert encoder.piece_chars == PIECE_CHARS  # the test tokenizer qualifies
+    texts = ["\n".join(corpus_lines(400, seed=9)), "  lead\n\n\n  spaces \n" * 300, "\n" * 5000 + "end",
+             "no newline " * 600, "émoji 🙂\n中文\n" * 400]
+    try:
+        realdata = request.getfixturevalue("realdata")
+        texts += [json.loads(x)["text"] for x in (realdata / "red_pajama" / "sample.jsonl").read_text().splitlines()[-25:]]
+    except pytest.skip.Exception:
+        pass
+    assert any(len(t) > 4 * PIECE_CHARS for t in texts)
+    for first, whole_encoder in ((True, encoder._first), (False, encoder._inner)):
+        whole = [whole_encoder.encode(t).ids for t in texts]
+        assert encoder.segment_ids_batch(texts, first=first) == whole
+        assert [encoder.segment_ids(t, first=first) for t in texts[:3]] == whole[:3]
+
+
+def test_newline_boundary_needs_a_vocabulary_without_newline_pieces(tokenizer):
+    import json
+
+    from orca8k.model.tokenizer import spec_newline_is_a_boundary
+
+    spec = json.loads(tokenizer.backend_tokenizer.to_str())
+    assert spec_newline_is_a_boundary(spec)
+    with_newline = {**spec, "model": {**spec["model"], "vocab": {**spec["model"]["vocab"], "a\n": 9999}}}
+    assert not spec_newline_is_a_boundary(with_newline)
+    split_true = {**spec, "pre_tokenizer": {**spec["pre_tokenizer"], "split": True}}
+    assert not spec_newline_is_a_boundary(split_true)

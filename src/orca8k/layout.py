@@ -86,6 +86,16 @@ class Layout:
         return self.tokenized / "validation"
 
     @property
+    def tokenize_dropped(self) -> Path:
+        """Examples dropped by `tokenize` (no supervised token left), one JSON object per line, with the reason."""
+        return self.tokenized / "dropped.jsonl"
+
+    @property
+    def tokenize_work(self) -> Path:
+        """Scratch space of `tokenize` (datasets cache files), removed when the stage ends."""
+        return self.tokenized / ".work"
+
+    @property
     def tokenize_metrics(self) -> Path:
         return self.metrics / "tokenize.json"
 

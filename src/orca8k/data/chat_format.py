@@ -28,7 +28,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from orca8k.model.tokenizer import ASSISTANT, BOS, EOS, PROMPTER, SYSTEM, segment_tokenizer
+from orca8k.model.tokenizer import ASSISTANT, BOS, EOS, PROMPTER, SYSTEM, newline_is_a_boundary, segment_tokenizer
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -37,6 +37,7 @@ IGNORE_INDEX = -100
 ROLES = ("system", "user", "assistant")
 ROLE_TOKENS = {"system": SYSTEM, "user": PROMPTER, "assistant": ASSISTANT}
 EXCHANGE_SPECIAL_TOKENS = 4  # <|prompter|> </s> <|assistant|> </s>
+PIECE_CHARS = 2048  # long texts are encoded in pieces of about this many chars, cut after a newline
 
 # Jinja chat template saved with the tokenizer: renders exactly the training string (`<s>` included, as
 # `apply_chat_template(..., tokenize=False)`; `apply_chat_template(..., tokenize=True)` adds no second BOS because
@@ -53,6 +54,17 @@ OA_CHAT_TEMPLATE = (
     "{% endfor %}"
     "{% if add_generation_prompt %}<|assistant|>{% endif %}"
 )
+
+
+class RowError(ValueError):
+    """A row of a batch breaks the input contract; `row` is its index in the batch (picklable across processes)."""
+
+    def __init__(self, row: int, message: str) -> None:
+        super().__init__(row, message)
+        self.row, self.message = row, message
+
+    def __str__(self) -> str:
+        return f"row {self.row}: {self.message}"
 
 
 def check_messages(messages: Sequence[dict[str, Any]]) -> None:
@@ -78,6 +90,23 @@ def check_messages(messages: Sequence[dict[str, Any]]) -> None:
             raise ValueError(f"messages[{i}].content: expected a string")
     if turns[-1]["role"] != "assistant":
         raise ValueError(f"messages[{len(messages) - 1}].role: a conversation must end with an assistant reply")
+
+
+def split_after_newlines(text: str, piece_chars: int) -> list[str]:
+    """Cut `text` after newlines into pieces of at most `piece_chars` chars where a newline allows it (a piece
+    without a newline in reach runs to the next one). `"".join(pieces) == text`; an empty text gives `[""]`."""
+    pieces, start = [], 0
+    while len(text) - start > piece_chars:
+        cut = text.rfind("\n", start, start + piece_chars)
+        if cut < 0:
+            cut = text.find("\n", start + piece_chars)
+            if cut < 0:
+                break
+        pieces.append(text[start:cut + 1])
+        start = cut + 1
+    if start < len(text) or not pieces:
+        pieces.append(text[start:])
+    return pieces
 
 
 def render_chat(messages: Sequence[dict[str, Any]]) -> str:
@@ -108,7 +137,7 @@ class Encoded:
 
     @property
     def num_supervised(self) -> int:
-        return sum(1 for x in self.labels if x != IGNORE_INDEX)
+        return len(self.labels) - self.labels.count(IGNORE_INDEX)
 
 
 @dataclass
@@ -117,15 +146,20 @@ class RowExamples:
 
     Attributes:
         examples: kept examples, in order, each at most `max_length` tokens.
-        dropped: examples dropped because no token was left to supervise.
+        dropped_examples: examples dropped because no token was left to supervise (kept for the quarantine file).
         cut_exchanges: exchanges (or system blocks) cut because one alone did not fit.
         cut_tokens: tokens removed by those cuts.
     """
 
     examples: list[Encoded]
-    dropped: int = 0
+    dropped_examples: list[Encoded] = field(default_factory=list)
     cut_exchanges: int = 0
     cut_tokens: int = 0
+
+    @property
+    def dropped(self) -> int:
+        """Examples dropped (no supervised token)."""
+        return len(self.dropped_examples)
 
 
 class ChatEncoder:
@@ -152,6 +186,7 @@ class ChatEncoder:
         # `_inner` for text after a special token (no dummy prefix), `_first` for text at the start (`▁` prefix).
         self._inner = segment_tokenizer(tokenizer, dummy_prefix=False)
         self._first = segment_tokenizer(tokenizer, dummy_prefix=True)
+        self.piece_chars = PIECE_CHARS if newline_is_a_boundary(tokenizer) else 0
 
     # ------------------------------------------------------------------ pieces
     def segment_ids(self, text: str, *, first: bool = False) -> list[int]:
@@ -162,17 +197,34 @@ class ChatEncoder:
             first: encode as text at the very start of a sequence (Llama's `▁` dummy prefix), as after `<s>` in
                 pretraining; otherwise as text following a special token.
         """
-        if not text:
-            return []
-        return list((self._first if first else self._inner).encode(text, add_special_tokens=False).ids)
+        return self.segment_ids_batch([text], first=first)[0]
 
     def segment_ids_batch(self, texts: Sequence[str], *, first: bool = False) -> list[list[int]]:
         """`segment_ids` for many texts in one call into the Rust tokenizer (threads across cores unless
-        `TOKENIZERS_PARALLELISM=false`); the same ids as one call per text."""
-        if not texts:
-            return []
-        encodings = (self._first if first else self._inner).encode_batch_fast(list(texts), add_special_tokens=False)
-        return [e.ids for e in encodings]
+        `TOKENIZERS_PARALLELISM=false`).
+
+        Long texts are encoded in pieces cut after a newline (`split_after_newlines`) when the vocabulary allows
+        it (`orca8k.model.tokenizer.newline_is_a_boundary`: no piece or merge crosses a `\n`, so BPE gives the same
+        ids per piece as over the whole): Llama's BPE runs over a whole text as one word (`Metaspace(split=False)`),
+        and its cost grows faster than the length. Only the first piece of a `first` text gets the dummy prefix.
+        """
+        pieces: list[str] = []
+        owners: list[int] = []
+        starts: list[bool] = []
+        for i, text in enumerate(texts):
+            for k, piece in enumerate(split_after_newlines(text, self.piece_chars) if self.piece_chars else [text]):
+                pieces.append(piece)
+                owners.append(i)
+                starts.append(first and k == 0)
+        out: list[list[int]] = [[] for _ in texts]
+        for tokenizer, flag in ((self._first, True), (self._inner, False)):
+            chosen = [j for j, s in enumerate(starts) if s == flag]
+            if not chosen:
+                continue
+            encodings = tokenizer.encode_batch_fast([pieces[j] for j in chosen], add_special_tokens=False)
+            for j, e in zip(chosen, encodings, strict=True):
+                out[owners[j]] += e.ids
+        return out
 
     def add_bos(self, ids: list[int]) -> list[int]:
         """Prefix `<s>` exactly once: the one function that adds BOS, for training, evaluation and sampling.
@@ -247,15 +299,15 @@ class ChatEncoder:
             One `RowExamples` per row, in order.
 
         Raises:
-            ValueError: an unknown kind, a chat row breaking the conversation contract or a text row without text;
-                the message starts with `row {i}`.
+            RowError: (a ValueError) an unknown kind, a chat row breaking the conversation contract, or a text row
+                without text; `.row` is the row's index.
         """
         _check_max_length(max_length)
         chat_rows = [i for i, k in enumerate(kinds) if k == "chat"]
         text_rows = [i for i, k in enumerate(kinds) if k == "text"]
         if len(chat_rows) + len(text_rows) != len(kinds):
             bad = next(i for i, k in enumerate(kinds) if k not in ("chat", "text"))
-            raise ValueError(f"row {bad}: kind {kinds[bad]!r} is neither 'chat' nor 'text'")
+            raise RowError(bad, f"kind {kinds[bad]!r} is neither 'chat' nor 'text'")
         out: list[RowExamples | None] = [None] * len(kinds)
         # all chat segments of the batch in one call
         segments: list[str] = []
@@ -263,7 +315,7 @@ class ChatEncoder:
             try:
                 check_messages(messages[i])
             except ValueError as err:
-                raise ValueError(f"row {i}: {err}") from None
+                raise RowError(i, str(err)) from None
             segments += [m["content"] for m in messages[i]]
         ids = iter(self.segment_ids_batch(segments))
         for i in chat_rows:
@@ -271,7 +323,7 @@ class ChatEncoder:
             out[i] = self._chat_examples(system, exchanges, max_length)
         for i in text_rows:
             if not isinstance(texts[i], str):
-                raise ValueError(f"row {i}: a text row needs a string `text`")
+                raise RowError(i, "a text row needs a string `text`")
         text_ids = self.segment_ids_batch([texts[i] for i in text_rows], first=True)
         for i, ids_i in zip(text_rows, text_ids, strict=True):
             out[i] = self._text_examples(ids_i, max_length, True)
@@ -343,10 +395,7 @@ class ChatEncoder:
         for part_header, blocks, complete_turns, cut in parts:
             example = self._example(part_header, blocks, assistant_turns=complete_turns, cut_tokens=cut)
             result.cut_tokens += cut
-            if example.num_supervised == 0:
-                result.dropped += 1
-            else:
-                result.examples.append(example)
+            (result.examples if example.num_supervised else result.dropped_examples).append(example)
         for k, example in enumerate(result.examples):
             example.meta.update(part=k, parts=len(result.examples))
         return result
@@ -387,10 +436,7 @@ class ChatEncoder:
             end = start + size + (1 if k < extra else 0)
             example = self._window(ids, start, end, k, n_windows)
             start = end
-            if example.num_supervised == 0:
-                result.dropped += 1
-            else:
-                result.examples.append(example)
+            (result.examples if example.num_supervised else result.dropped_examples).append(example)
         return result
 
     def _window(self, ids: list[int], start: int, end: int, part: int, parts: int) -> Encoded:

@@ -91,12 +91,13 @@ def normalised_spec(spec: dict[str, Any]) -> dict[str, Any]:
         spec: `json.loads(tokenizer.backend_tokenizer.to_str())`; not modified.
 
     Returns:
-        A new spec (equal to `spec` when it is already non-legacy).
+        A new spec (equal to `spec` when it is already non-legacy); it shares `spec`'s model (vocabulary) object.
 
     Raises:
         ValueError: the spec has a `Prepend("▁")` normalizer *and* a pre-tokenizer (no known Llama layout).
     """
-    spec = copy.deepcopy(spec)
+    spec = {**spec, "normalizer": copy.deepcopy(spec.get("normalizer")),
+            "pre_tokenizer": copy.deepcopy(spec.get("pre_tokenizer"))}  # the vocabulary is shared, not copied
     normalizer, removed = _drop_prepend(spec.get("normalizer"))
     if removed:
         if spec.get("pre_tokenizer") is not None:
@@ -158,6 +159,32 @@ def segment_tokenizer(tok: PreTrainedTokenizerBase, dummy_prefix: bool) -> Any:
     segments = Tokenizer.from_str(json.dumps(spec))
     segments.encode_special_tokens = True  # text is never parsed for special tokens
     return segments
+
+
+def newline_is_a_boundary(tok: PreTrainedTokenizerBase) -> bool:
+    """Whether BPE never merges across a `\n` for this tokenizer, so text cut after a newline encodes to the same ids
+    piece by piece (with the dummy prefix only on the first piece) as in one call.
+
+    True when: the model is BPE with byte fallback, the normalizer is absent or `Replace(" ", "▁")` (per character),
+    the pre-tokenizer is `Metaspace(split=False)` (non-legacy), and no vocabulary piece other than the byte token
+    `<0x0A>` contains a newline (so no merge can involve one: it is always a byte-fallback symbol on its own).
+    Llama-2's tokenizer and the demo's (trained on lines) qualify.
+    """
+    return spec_newline_is_a_boundary(json.loads(tok.backend_tokenizer.to_str()))
+
+
+def spec_newline_is_a_boundary(spec: dict[str, Any]) -> bool:
+    """`newline_is_a_boundary` on a `tokenizers` JSON spec."""
+    spec = normalised_spec(spec)
+    model, norm, pre = spec.get("model") or {}, spec.get("normalizer"), spec.get("pre_tokenizer") or {}
+    replace_only = {"type": "Replace", "pattern": {"String": " "}, "content": METASPACE}
+    norms = norm.get("normalizers", []) if norm and norm.get("type") == "Sequence" else ([norm] if norm else [])
+    pres = pre.get("pretokenizers", []) if pre.get("type") == "Sequence" else [pre]
+    if model.get("type") != "BPE" or not model.get("byte_fallback") or any(n != replace_only for n in norms):
+        return False
+    if len(pres) != 1 or pres[0].get("type") != "Metaspace" or pres[0].get("split") is not False:
+        return False
+    return not any("\n" in piece for piece in model.get("vocab", {}))
 
 
 def load_base_tokenizer(name_or_path: str | Path, revision: str | None = None) -> PreTrainedTokenizerBase:

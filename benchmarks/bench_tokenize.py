@@ -1,0 +1,215 @@
+"""Throughput of the `tokenize` stage against the raw batched tokenizer and a per-example Python loop, on the same text.
+
+    python benchmarks/bench_tokenize.py                       # ≥ 10 M tokens of ../shared/realdata, repeated
+    python benchmarks/bench_tokenize.py --tokens 2000000      # a quicker look
+
+What it does, in one process (ratios are measured within one run, so machine load hits all sides alike):
+1. start-up: `import orca8k.stages.tokenize` in a fresh interpreter (imports datasets, transformers, pyarrow);
+2. a sentencepiece BPE tokenizer with the demo's settings (4,096 pieces, Llama-2 trainer settings) on the text;
+3. the mix: `../shared/realdata` in the mix schema (orca-chat conversations, fanfics and RedPajama text chunked at
+   65,535 chars), repeated with a per-copy marker in every segment (so no cache can help) until ≥ `--tokens`;
+4. raw batched tokenizer: `tokenizer(rendered_strings, add_special_tokens=False)` in batches of 256 over the same
+   rows (the rendered training string of each chat, the text of each chunk) — tokenization only, no masks;
+5. per-example loops on a `--loop-fraction` sample of the rows: `tokenizer(rendered)` one row at a time (the naive
+   loop), and `ChatEncoder` one row at a time (the stage's own code without batching);
+6. the stage: `orca8k.stages.tokenize.run(cfg)` (demo params, `max_length` 512, packing on) — encoding, masks, length
+   rules, packing, Arrow writes, statistics and the token-level validation — timed after imports.
+
+Targets (issue 5, on 2 quiet cores): stage throughput ≥ 0.8 × the raw batched tokenizer and ≥ 2 × the naive loop.
+The last stdout line is one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "src"))
+CHUNK_CHARS = 65535
+
+
+def realdata_dir() -> Path:
+    for c in (os.environ.get("ORCA8K_REALDATA"), REPO.parent / "shared" / "realdata", Path("/work/shared/realdata")):
+        if c and Path(c).is_dir():
+            return Path(c)
+    sys.exit("bench_tokenize: ../shared/realdata not found (set ORCA8K_REALDATA)")
+
+
+def load_realdata(root: Path) -> tuple[list[dict], list[tuple[str, str]]]:
+    """(orca-chat records, [(source, document text)])."""
+    import pyarrow.parquet as pq
+
+    chats = [json.loads(line) for line in (root / "orca-chat" / "orca-chat-gpt4.jsonl").read_text().splitlines()]
+    docs = [("red_pajama", json.loads(line)["text"])
+            for line in (root / "red_pajama" / "sample.jsonl").read_text().splitlines()]
+    docs += [("fanfics", t) for t in pq.read_table(root / "fanfics" / "train.parquet").column("TEXT").to_pylist()]
+    return chats, docs
+
+
+def mix_rows(chats: list[dict], docs: list[tuple[str, str]], copy: int) -> list[dict]:
+    """One copy of the data in the mix schema; every segment carries the marker ` #copy`."""
+    mark = f" #{copy}"
+    rows = []
+    for i, c in enumerate(chats):
+        messages = [{"role": "system", "content": c["instruction"] + mark}] if c["instruction"] else []
+        for turn in c["conversation"]:
+            messages += [{"role": "user", "content": turn["input"] + mark},
+                         {"role": "assistant", "content": turn["output"] + mark}]
+        rows.append({"id": f"orca-chat-{copy}-{i}", "source": "orca-chat", "doc_id": f"{copy}-{i}", "kind": "chat",
+                     "messages": messages, "text": None, "chunk_index": 0})
+    for d, (source, text) in enumerate(docs):
+        for k in range(0, len(text), CHUNK_CHARS):
+            rows.append({"id": f"{source}-{copy}-{d}-{k}", "source": source, "doc_id": f"{copy}-{d}", "kind": "text",
+                         "messages": None, "text": text[k:k + CHUNK_CHARS] + mark, "chunk_index": k // CHUNK_CHARS})
+    return rows
+
+
+def rendered(rows: list[dict]) -> list[str]:
+    from orca8k.data.chat_format import render_chat
+
+    return [render_chat(r["messages"]) if r["kind"] == "chat" else r["text"] for r in rows]
+
+
+def startup_seconds() -> float:
+    code = "import time; t = time.perf_counter(); import orca8k.stages.tokenize; print(time.perf_counter() - t)"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "src"), os.environ.get("PYTHONPATH", "")])}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+    return float(out.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--tokens", type=int, default=10_000_000, help="at least this many tokens of text (default 10 M)")
+    ap.add_argument("--loop-fraction", type=float, default=0.1, help="share of rows timed in the per-example loops")
+    ap.add_argument("--vocab-size", type=int, default=4096)
+    ap.add_argument("--max-length", type=int, default=512)
+    ap.add_argument("--keep", action="store_true", help="keep the work folder")
+    args = ap.parse_args()
+    for key, value in {"HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "DS_ACCELERATOR": "cpu",
+                       "GX_ANALYTICS_ENABLED": "false", "HF_DATASETS_DISABLE_PROGRESS_BARS": "1"}.items():
+        os.environ.setdefault(key, value)
+    load_before = os.getloadavg()[0]
+    startup = startup_seconds()
+
+    from orca8k.config import load_config
+    from orca8k.data.chat_format import ChatEncoder
+    from orca8k.layout import Layout
+    from orca8k.model.tokenizer import load_base_tokenizer, prepare_tokenizer, train_sentencepiece
+    from orca8k.stages import run_stage
+
+    work = Path(tempfile.mkdtemp(prefix="bench-tokenize-"))
+    try:
+        chats, docs = load_realdata(realdata_dir())
+        layout_cfg = load_config(REPO / "params.yaml", [f"paths.root={work}", f"tokenize.max_length={args.max_length}",
+                                                       "tokenize.packing=true"])
+        layout = Layout.from_config(layout_cfg)
+        lines = [ln for _, t in docs for ln in t.splitlines() if ln.strip()]
+        lines += [t["output"] for c in chats for t in c["conversation"]]
+        t0 = time.perf_counter()
+        train_sentencepiece(lines, layout.base, vocab_size=args.vocab_size, input_sentence_size=200_000)
+        spm_seconds = time.perf_counter() - t0
+        tokenizer = prepare_tokenizer(load_base_tokenizer(layout.base))
+
+        one = mix_rows(chats, docs, 0)
+        sample = rendered(one)
+        per_copy = sum(len(ids) for ids in tokenizer(sample, add_special_tokens=False)["input_ids"])
+        copies = max(1, -(-args.tokens // per_copy))
+        rows = [r for c in range(copies) for r in mix_rows(chats, docs, c)]
+        val = [r for r in rows[: len(one)] if r["kind"] == "chat"][:200]
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        from orca8k.data.mix_output import MIX_SCHEMA
+
+        layout.mix.mkdir(parents=True)
+        pq.write_table(pa.Table.from_pylist(rows, schema=MIX_SCHEMA), layout.mix_train)
+        pq.write_table(pa.Table.from_pylist(val, schema=MIX_SCHEMA), layout.mix_val)
+        layout.validation_result.parent.mkdir(parents=True)
+        layout.validation_result.write_text(json.dumps({"success": True, "run_id": "bench"}))
+        everything = rows + val
+        texts = rendered(everything)
+        chars = sum(map(len, texts))
+
+        # raw batched tokenizer on the same text
+        t0 = time.perf_counter()
+        raw_tokens = 0
+        for i in range(0, len(texts), 256):
+            raw_tokens += sum(map(len, tokenizer(texts[i:i + 256], add_special_tokens=False)["input_ids"]))
+        raw_seconds = time.perf_counter() - t0
+
+        # per-example loops on a sample
+        step = max(1, round(1 / args.loop_fraction))
+        picked = everything[::step]
+        picked_texts = texts[::step]
+        picked_chars = sum(map(len, picked_texts))
+        t0 = time.perf_counter()
+        loop_tokens = sum(len(tokenizer(x, add_special_tokens=False)["input_ids"]) for x in picked_texts)
+        loop_seconds = time.perf_counter() - t0
+        encoder = ChatEncoder(tokenizer)
+        t0 = time.perf_counter()
+        enc_tokens = 0
+        for r in picked:
+            out = (encoder.encode_chat_examples(r["messages"], args.max_length) if r["kind"] == "chat"
+                   else encoder.encode_text_examples(r["text"], args.max_length))
+            enc_tokens += sum(len(e) for e in out.examples)
+        loop_encoder_seconds = time.perf_counter() - t0
+
+        # the stage
+        t0 = time.perf_counter()
+        result = run_stage("tokenize", layout_cfg)
+        stage_seconds = time.perf_counter() - t0
+        metrics = json.loads(layout.tokenize_metrics.read_text())
+        stage_tokens = metrics["train"]["tokens"] + metrics["val"]["tokens"]
+
+        # throughput on the same text: chars per second, so the three count the same input
+        raw_cps, stage_cps = chars / raw_seconds, chars / stage_seconds
+        loop_cps, loop_enc_cps = picked_chars / loop_seconds, picked_chars / loop_encoder_seconds
+        phases = result.summary.get("phase_seconds", {})
+        core = sum(v for k, v in phases.items() if k != "tokenizer" and k != "validate")
+        report = {
+            "benchmark": "tokenize",
+            "text_chars": chars,
+            "mix_rows": len(everything),
+            "copies_of_realdata": copies,
+            "raw_tokens": raw_tokens,
+            "stage_tokens": stage_tokens,
+            "raw_batched_tok_per_s": round(raw_tokens / raw_seconds),
+            "stage_tok_per_s": round(stage_tokens / stage_seconds),
+            "loop_tokenizer_tok_per_s": round(loop_tokens / loop_seconds),
+            "loop_encoder_tok_per_s": round(enc_tokens / loop_encoder_seconds),
+            "raw_batched_seconds": round(raw_seconds, 2),
+            "stage_wall_seconds": round(stage_seconds, 2),
+            "stage_phase_seconds": phases,
+            "stage_core_seconds": round(core, 2),
+            "stage_vs_raw_batched": round(stage_cps / raw_cps, 3),
+            "stage_core_vs_raw_batched": round(raw_seconds / core, 3),
+            "stage_vs_loop_tokenizer": round(stage_cps / loop_cps, 3),
+            "stage_vs_loop_encoder": round(stage_cps / loop_enc_cps, 3),
+            "import_seconds": round(startup, 2),
+            "sentencepiece_train_seconds": round(spm_seconds, 2),
+            "supervised_share_train": metrics["train"]["supervised_share"],
+            "packed_fill_train": metrics["train"].get("fill"),
+            "tokenizers_parallelism": os.environ.get("TOKENIZERS_PARALLELISM", "unset (on)"),
+            "cpu_count": os.cpu_count(),
+            "load_average_before_after": [round(load_before, 2), round(os.getloadavg()[0], 2)],
+            "targets": {"stage_vs_raw_batched": 0.8, "stage_vs_loop_tokenizer": 2.0},
+        }
+        report["met"] = {k: report[k] >= v for k, v in report["targets"].items()}
+        print(json.dumps(report))
+    finally:
+        if args.keep:
+            print(f"work folder kept: {work}", file=sys.stderr)
+        else:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

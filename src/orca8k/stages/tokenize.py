@@ -1,0 +1,324 @@
+"""Stage `tokenize`: the validated mix → the OA fine-tuning tokenizer, tokenized train/val sets and token statistics.
+
+Reads `layout.mix_train` / `layout.mix_val` (CONTRACTS §1), the validation result (it must be a success) and the
+base tokenizer (`orca8k.model.base.resolve_base`). Writes:
+
+- `layout.tokenizer`: `prepare_tokenizer(base)` (OA special tokens, pinned settings, chat template);
+- `layout.tokenized_val`: one example per row (`datasets.save_to_disk`), columns `id` (`{row_id}#{part}`),
+  `row_id`, `source`, `kind`, `part`, `parts`, `input_ids`, `labels`, `assistant_turns`, `cut_tokens`;
+- `layout.tokenized_train`: the same columns, or with `tokenize.packing` packed rows `input_ids`, `labels`,
+  `position_ids`, `num_examples` (`orca8k.data.packing`);
+- `layout.tokenize_dropped`: examples dropped for having no supervised token (JSON lines, with the reason);
+- `layout.token_validation`: the token-level validation (result JSON + Data Docs);
+- `layout.tokenize_metrics` (DVC metrics): per split and per source rows, examples, tokens, supervised tokens, share,
+  split/cut/drop counts and rates (`plan.py` reads `["train"]["rows" | "tokens" | "supervised_tokens"]`).
+
+Encoding is `ChatEncoder.encode_rows` inside `datasets.map` (batched; `tokenize.num_proc` processes; progress bar);
+segments of a batch go through the Rust tokenizer in one call. Packing plans bins per shard of examples so memory
+stays bounded by the shard, not the split.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import shutil
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from orca8k.config import Config
+from orca8k.data.chat_format import ChatEncoder, RowError
+from orca8k.data.packing import pack_table
+from orca8k.data.token_stats import SpecialIds, example_stats, packed_row_stats
+from orca8k.errors import DataError, StageInputMissing, ValidationFailed
+from orca8k.layout import Layout
+from orca8k.model.tokenizer import load_base_tokenizer, padded_vocab_size, prepare_tokenizer
+from orca8k.stages import StageResult
+
+if TYPE_CHECKING:
+    import pandas as pd
+    from datasets import Dataset
+
+SPLITS = ("train", "val")
+MAP_BATCH_ROWS = 256  # mix rows per datasets.map batch (one Rust tokenizer call per batch)
+PACK_SHARD_EXAMPLES = 65536  # examples planned together by the bin packer (bounds memory)
+META_COLUMNS = ("id", "row_id", "source", "kind", "part", "parts", "assistant_turns", "cut_tokens")
+
+
+def run(cfg: Config) -> StageResult:
+    """Tokenize the mix (see the module docstring).
+
+    Returns:
+        `StageResult` with the outputs and, per split, rows, examples, tokens and supervised tokens.
+
+    Raises:
+        StageInputMissing: the mix, the validation result or the base tokenizer is missing.
+        ValidationFailed: the mix's validation result is not a success, or the token-level suite fails (its result
+            and the metrics are still written).
+        DataError: a mix row breaks the input contract; the message names the file, the row id and the field.
+    """
+    layout = Layout.from_config(cfg)
+    t = cfg.tokenize
+    timer = _Timer()
+    _check_inputs(layout)
+    with timer("tokenizer"):
+        tokenizer = prepare_tokenizer(load_base_tokenizer(_base_dir(cfg, layout)))
+        if layout.tokenized.exists():
+            shutil.rmtree(layout.tokenized)
+        layout.tokenized.mkdir(parents=True)
+        layout.metrics.mkdir(parents=True, exist_ok=True)
+        tokenizer.save_pretrained(layout.tokenizer)
+        encoder = ChatEncoder(tokenizer, train_on_system=t.train_on_system)
+    special = SpecialIds.of(encoder)
+    stats: dict[str, pd.DataFrame] = {}
+    counts: dict[str, dict[str, Any]] = {}
+    dropped_lines: list[str] = []
+    try:
+        for split, path in (("train", layout.mix_train), ("val", layout.mix_val)):
+            with timer(f"encode_{split}"):
+                examples, dropped = _encode_split(path, encoder, t.max_length, t.num_proc, layout.tokenize_work, split)
+            dropped_lines += dropped
+            with timer("stats"):
+                stats[split] = _example_frame(examples, special, t.train_on_system)
+            out = layout.tokenized_train if split == "train" else layout.tokenized_val
+            if split == "train" and t.packing:
+                with timer("pack"):
+                    packed = _pack(examples, t.max_length, layout.tokenize_work)
+                    counts[split] = _packed_counts(packed, special)
+                with timer("save"):
+                    packed.save_to_disk(str(out))
+                del packed
+            else:
+                with timer("save"):
+                    examples.save_to_disk(str(out))
+                counts[split] = {"rows": len(examples)}
+            counts[split]["mix_rows"] = _mix_rows(path)
+            del examples
+    finally:
+        shutil.rmtree(layout.tokenize_work, ignore_errors=True)
+    layout.tokenize_dropped.write_text("".join(dropped_lines), encoding="utf-8")
+    vocab = {"vocab_size": len(tokenizer),
+             "padded_vocab_size": padded_vocab_size(tokenizer, cfg.model.pad_vocab_size_multiple)}
+    metrics = _metrics(cfg, stats, counts, dropped_lines, vocab)
+    layout.tokenize_metrics.write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
+    with timer("validate"):
+        validation = _validate(cfg, layout, stats, counts)
+    return StageResult(
+        stage="tokenize",
+        outputs={"tokenizer": layout.tokenizer, "train": layout.tokenized_train, "val": layout.tokenized_val,
+                 "dropped": layout.tokenize_dropped, "validation": layout.token_validation,
+                 "metrics": layout.tokenize_metrics},
+        summary={split: {k: metrics[split][k] for k in ("rows", "examples", "tokens", "supervised_tokens")}
+                 for split in SPLITS} | {"token_validation": validation, "phase_seconds": timer.seconds},
+    )
+
+
+class _Timer:
+    """Wall-clock seconds per named phase (summed over repeats)."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def __call__(self, name: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] = round(self.seconds.get(name, 0.0) + time.perf_counter() - start, 3)
+
+
+# --------------------------------------------------------------------------------------------------- inputs
+def _check_inputs(layout: Layout) -> None:
+    for path in (layout.mix_train, layout.mix_val):
+        if not path.is_file():
+            raise StageInputMissing(f"{path}: no mix (run `orca8k mix` first)")
+    if not layout.validation_result.is_file():
+        raise StageInputMissing(f"{layout.validation_result}: no validation result (run `orca8k validate` first)")
+    result = json.loads(layout.validation_result.read_text())
+    if result.get("success") is not True:
+        raise ValidationFailed(f"{layout.validation_result}: the mix failed validation; fix the data before tokenize")
+
+
+def _base_dir(cfg: Config, layout: Layout) -> Path:
+    """The base tokenizer's folder: `orca8k.model.base.resolve_base` once it exists, else `layout.base`."""
+    try:
+        from orca8k.model.base import resolve_base
+    except ImportError:  # the base stage's API has not landed yet
+        return layout.base
+    return Path(resolve_base(cfg))
+
+
+def _mix_rows(path: Path) -> dict[str, int]:
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    counts = pc.value_counts(pq.read_table(path, columns=["source"]).column("source").combine_chunks())
+    return {str(c["values"]): int(c["counts"]) for c in counts.to_pylist()}
+
+
+# --------------------------------------------------------------------------------------------------- encoding
+def _features() -> Any:
+    from datasets import Features, List, Value
+
+    int32 = Value("int32")
+    return Features({
+        "id": Value("string"), "row_id": Value("string"), "source": Value("string"), "kind": Value("string"),
+        "part": int32, "parts": int32, "input_ids": List(int32), "labels": List(int32), "assistant_turns": int32,
+        "cut_tokens": int32, "dropped": Value("bool"),
+    })
+
+
+def encode_batch(batch: dict[str, list], encoder: ChatEncoder, max_length: int, source_file: str) -> dict[str, list]:
+    """`datasets.map` function: a batch of mix rows → one output row per example (dropped ones flagged).
+
+    Raises:
+        DataError: naming `source_file`, the row id and the field.
+    """
+    try:
+        rows = encoder.encode_rows(batch["kind"], batch["messages"], batch["text"], max_length)
+    except RowError as err:
+        field = "messages" if batch["kind"][err.row] == "chat" else "kind/text"
+        raise DataError(f"{source_file}: row id={batch['id'][err.row]!r}: {field}: {err.message}") from None
+    out: dict[str, list] = {k: [] for k in _features()}
+    for i, row in enumerate(rows):
+        for dropped, examples in ((False, row.examples), (True, row.dropped_examples)):
+            for k, e in enumerate(examples):
+                part = e.meta["part"] if not dropped else -1 - k
+                out["id"].append(f"{batch['id'][i]}#{part}")
+                out["row_id"].append(batch["id"][i])
+                out["source"].append(batch["source"][i])
+                out["kind"].append(batch["kind"][i])
+                out["part"].append(part)
+                out["parts"].append(len(row.examples))
+                out["input_ids"].append(e.input_ids)
+                out["labels"].append(e.labels)
+                out["assistant_turns"].append(e.meta["assistant_turns"])
+                out["cut_tokens"].append(e.meta["cut_tokens"])
+                out["dropped"].append(dropped)
+    return out
+
+
+def _encode_split(path: Path, encoder: ChatEncoder, max_length: int, num_proc: int, work: Path, split: str
+                  ) -> tuple[Dataset, list[str]]:
+    """Encode one split of the mix; returns (kept examples, dropped examples as JSON lines)."""
+    import pyarrow.parquet as pq
+    from datasets import Dataset
+
+    table = pq.read_table(path, columns=["id", "source", "kind", "messages", "text"])
+    work.mkdir(parents=True, exist_ok=True)
+    encoded = Dataset(table).map(
+        encode_batch, batched=True, batch_size=MAP_BATCH_ROWS, num_proc=num_proc if num_proc > 1 else None,
+        remove_columns=table.column_names, features=_features(),
+        fn_kwargs={"encoder": encoder, "max_length": max_length, "source_file": str(path)},
+        cache_file_name=str(work / f"{split}-encoded.arrow"), desc=f"tokenize {split}",
+        # a fixed fingerprint: datasets would otherwise pickle the encoder (tokenizer included) to hash it; the work
+        # folder is fresh on every run, so no stale cache can be picked up
+        new_fingerprint=f"orca8k-tokenize-{split}", load_from_cache_file=False,
+    )
+    flags = encoded.data.column("dropped").to_numpy(zero_copy_only=False)
+    dropped_rows = encoded.select(np.flatnonzero(flags)).to_list() if flags.any() else []
+    lines = [json.dumps({"split": split, "id": r["id"], "row_id": r["row_id"], "source": r["source"],
+                         "reason": "no supervised token", "input_ids": r["input_ids"]}) + "\n" for r in dropped_rows]
+    kept = encoded.select(np.flatnonzero(~flags)) if flags.any() else encoded
+    return kept.remove_columns("dropped"), lines
+
+
+# --------------------------------------------------------------------------------------------------- packing
+def _pack(examples: Dataset, max_length: int, work: Path) -> Dataset:
+    """Pack examples shard by shard into an Arrow stream file under `work`; returns the memory-mapped dataset."""
+    import pyarrow as pa
+    from datasets import Dataset
+
+    path = work / "train-packed.arrow"
+    writer = None
+    source = examples.select_columns(["input_ids", "labels"]).with_format("arrow")
+    for shard in source.iter(batch_size=PACK_SHARD_EXAMPLES):
+        packed = pack_table(shard, max_length)
+        if writer is None:
+            writer = pa.ipc.new_stream(str(path), packed.schema)
+        writer.write_table(packed)
+    if writer is None:
+        raise DataError("tokenize: no train example left to pack")
+    writer.close()
+    return Dataset.from_file(str(path))
+
+
+def _packed_counts(packed: Dataset, special: SpecialIds) -> dict[str, Any]:
+    tables = packed.with_format("arrow").iter(batch_size=PACK_SHARD_EXAMPLES)
+    parts = [packed_row_stats(t.column("input_ids"), t.column("labels"), t.column("position_ids"), special)
+             | {"num_examples": t.column("num_examples").to_numpy()} for t in tables]
+    cols = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+    return {"rows": len(packed), "packed": cols}
+
+
+# --------------------------------------------------------------------------------------------------- statistics
+def _example_frame(examples: Dataset, special: SpecialIds, train_on_system: bool) -> pd.DataFrame:
+    """One row per example: the meta columns and `orca8k.data.token_stats.example_stats`."""
+    import pandas as pd
+
+    frames = []
+    for t in examples.with_format("arrow").iter(batch_size=PACK_SHARD_EXAMPLES):
+        cols = {c: t.column(c).to_numpy(zero_copy_only=False) for c in META_COLUMNS}
+        cols.update(example_stats(t.column("input_ids"), t.column("labels"), special, train_on_system))
+        frames.append(pd.DataFrame(cols))
+    if not frames:
+        return pd.DataFrame({c: [] for c in META_COLUMNS})
+    return pd.concat(frames, ignore_index=True)
+
+
+def _rates(df: pd.DataFrame, mix_rows: int, dropped: int) -> dict[str, Any]:
+    tokens, supervised = int(df["num_tokens"].sum()), int(df["supervised_tokens"].sum())
+    split_rows = int(df.loc[df["parts"] > 1, "row_id"].nunique())
+    cut = int((df["cut_tokens"] > 0).sum())
+    return {
+        "mix_rows": mix_rows,
+        "examples": len(df),
+        "tokens": tokens,
+        "supervised_tokens": supervised,
+        "supervised_share": round(supervised / tokens, 6) if tokens else 0.0,
+        "split_rows": split_rows,
+        "split_rate": round(split_rows / mix_rows, 6) if mix_rows else 0.0,
+        "extra_examples": int(len(df) - df["row_id"].nunique()),
+        "cut_examples": cut,
+        "cut_tokens": int(df["cut_tokens"].sum()),
+        "cut_rate": round(cut / len(df), 6) if len(df) else 0.0,
+        "dropped_examples": dropped,
+        "drop_rate": round(dropped / (len(df) + dropped), 6) if len(df) + dropped else 0.0,
+        "max_tokens": int(df["num_tokens"].max()) if len(df) else 0,
+    }
+
+
+def _metrics(cfg: Config, stats: dict[str, pd.DataFrame], counts: dict[str, dict[str, Any]], dropped_lines: list[str],
+             vocab: dict[str, int]) -> dict[str, Any]:
+    t = cfg.tokenize
+    dropped = [json.loads(line) for line in dropped_lines]
+    out: dict[str, Any] = {"max_length": t.max_length, "packing": t.packing, "tokenizer": vocab}
+    for split in SPLITS:
+        df, mix_rows = stats[split], counts[split]["mix_rows"]
+        drops = [d for d in dropped if d["split"] == split]
+        entry = _rates(df, sum(mix_rows.values()), len(drops))
+        entry["rows"] = counts[split]["rows"]
+        if "packed" in counts[split]:
+            p = counts[split]["packed"]
+            entry["fill"] = round(int(p["num_tokens"].sum()) / (len(p["num_tokens"]) * t.max_length), 6)
+        entry["sources"] = {
+            source: _rates(df[df["source"] == source], mix_rows.get(source, 0),
+                           sum(1 for d in drops if d["source"] == source))
+            for source in sorted(set(mix_rows) | set(df["source"]))
+        }
+        out[split] = entry
+    return out
+
+
+def _validate(cfg: Config, layout: Layout, stats: dict[str, pd.DataFrame], counts: dict[str, dict[str, Any]]) -> dict:
+    """The token-level suite (`orca8k.validation.token_suite`) once the shared harness exists; raises on failure."""
+    try:
+        from orca8k.validation.token_suite import validate_tokens
+    except ImportError:
+        return {"ran": False, "reason": "orca8k.validation harness not available"}
+    return validate_tokens(cfg, layout, stats, counts)

@@ -1,0 +1,211 @@
+"""The `tokenize` stage: outputs equal a direct encoding of the mix, packing keeps every token, exact metrics,
+input contracts, and the independent token statistics the validation suite relies on."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from orca8k.data.chat_format import IGNORE_INDEX, ChatEncoder
+from orca8k.data.collate import CausalLMCollator
+from orca8k.data.packing import plan_bins
+from orca8k.data.token_stats import SpecialIds, example_stats, packed_row_stats
+from orca8k.errors import DataError, StageInputMissing, ValidationFailed
+from orca8k.layout import Layout
+from orca8k.model.tokenizer import load_tokenizer
+from tests.fixtures.common import REPO, run_cli
+from tests.fixtures.tokenize import TWO_TURNS, mix_rows, prepare_run
+
+MAX_LENGTH = 64
+
+
+def direct(rows: list[dict], tokenizer, max_length: int = MAX_LENGTH):
+    """The examples of `rows` encoded one row at a time, outside datasets.map (the reference)."""
+    enc = ChatEncoder(tokenizer)
+    out = []
+    for r in rows:
+        res = (enc.encode_chat_examples(r["messages"], max_length) if r["kind"] == "chat"
+               else enc.encode_text_examples(r["text"], max_length))
+        out.append((r, res))
+    return out
+
+
+@pytest.fixture(scope="module")
+def packed_run(tmp_path_factory, base_tokenizer_dir):
+    from orca8k.stages import run_stage
+
+    root = tmp_path_factory.mktemp("tokenize_packed")
+    cfg = prepare_run(root, base_tokenizer_dir, [f"tokenize.max_length={MAX_LENGTH}", "tokenize.packing=true"])
+    return cfg, run_stage("tokenize", cfg)
+
+
+def test_val_is_one_example_per_row_equal_to_a_direct_encoding(packed_run):
+    from datasets import load_from_disk
+
+    cfg, result = packed_run
+    layout = Layout.from_config(cfg)
+    tokenizer = load_tokenizer(layout.tokenizer)
+    val = load_from_disk(str(layout.tokenized_val))
+    assert val.column_names == ["id", "row_id", "source", "kind", "part", "parts", "input_ids", "labels",
+                                "assistant_turns", "cut_tokens"]
+    expected = [(r, e) for r, res in direct(mix_rows(6, 4, seed=2), tokenizer) for e in res.examples]
+    assert len(val) == len(expected) == result.summary["val"]["examples"] == result.summary["val"]["rows"]
+    for got, (row, e) in zip(val, expected, strict=True):
+        assert got["input_ids"] == e.input_ids and got["labels"] == e.labels
+        assert (got["row_id"], got["source"], got["kind"]) == (row["id"], row["source"], row["kind"])
+        assert got["id"] == f"{row['id']}#{e.meta['part']}" and got["parts"] == e.meta["parts"]
+        assert len(got["input_ids"]) <= MAX_LENGTH
+
+
+def test_packed_train_keeps_every_token_and_restarts_positions(packed_run):
+    from datasets import load_from_disk
+
+    cfg, result = packed_run
+    layout = Layout.from_config(cfg)
+    tokenizer = load_tokenizer(layout.tokenizer)
+    train = load_from_disk(str(layout.tokenized_train))
+    assert train.column_names == ["input_ids", "labels", "position_ids", "num_examples"]
+    examples = [e for _, res in direct(mix_rows(24, 12, seed=1), tokenizer) for e in res.examples]
+    lengths = [len(e) for e in examples]
+    assert len(train) == len(plan_bins(lengths, MAX_LENGTH)) == result.summary["train"]["rows"]
+    assert sum(train["num_examples"]) == len(examples) == result.summary["train"]["examples"]
+    flat = [t for row in train["input_ids"] for t in row]
+    assert sorted(flat) == sorted(t for e in examples for t in e.input_ids)
+    assert sum(len(r) for r in train["input_ids"]) == sum(lengths) == result.summary["train"]["tokens"]
+    supervised = sum(sum(1 for x in row if x != IGNORE_INDEX) for row in train["labels"])
+    assert supervised == sum(e.num_supervised for e in examples) == result.summary["train"]["supervised_tokens"]
+    for row in train:
+        assert len(row["input_ids"]) <= MAX_LENGTH
+        starts = [i for i, p in enumerate(row["position_ids"]) if p == 0]
+        assert len(starts) == row["num_examples"] and starts[0] == 0
+        assert all(row["input_ids"][i] == tokenizer.bos_token_id for i in starts)
+        assert row["input_ids"].count(tokenizer.bos_token_id) == row["num_examples"]
+    # what the train engineer gets from the collator
+    batch = CausalLMCollator(pad_token_id=tokenizer.pad_token_id)([train[0], train[1]])
+    assert set(batch) == {"input_ids", "labels", "position_ids"}
+    assert batch["input_ids"].shape == batch["labels"].shape == batch["position_ids"].shape
+
+
+def test_metrics_are_exact_per_split_and_source(packed_run):
+    cfg, _ = packed_run
+    layout = Layout.from_config(cfg)
+    tokenizer = load_tokenizer(layout.tokenizer)
+    metrics = json.loads(layout.tokenize_metrics.read_text())
+    assert (metrics["max_length"], metrics["packing"]) == (MAX_LENGTH, True)
+    assert metrics["tokenizer"] == {"vocab_size": 605, "padded_vocab_size": 608}
+    for split, rows in (("train", mix_rows(24, 12, seed=1)), ("val", mix_rows(6, 4, seed=2))):
+        encoded = direct(rows, tokenizer)
+        for source in ("orca-chat", "fanfics"):
+            mine = [(r, res) for r, res in encoded if r["source"] == source]
+            ex = [e for _, res in mine for e in res.examples]
+            m = metrics[split]["sources"][source]
+            assert m["mix_rows"] == len(mine)
+            assert m["examples"] == len(ex)
+            assert m["tokens"] == sum(len(e) for e in ex)
+            assert m["supervised_tokens"] == sum(e.num_supervised for e in ex)
+            assert m["split_rows"] == sum(1 for _, res in mine if len(res.examples) > 1)
+            assert m["extra_examples"] == len(ex) - len(mine)
+            assert m["cut_examples"] == sum(res.cut_exchanges for _, res in mine)
+            assert m["cut_tokens"] == sum(res.cut_tokens for _, res in mine)
+            assert m["dropped_examples"] == 0 and m["max_tokens"] <= MAX_LENGTH
+        assert metrics[split]["tokens"] == sum(metrics[split]["sources"][s]["tokens"] for s in ("orca-chat", "fanfics"))
+    assert metrics["train"]["sources"]["fanfics"]["split_rows"] > 0  # the long texts were windowed
+    assert metrics["train"]["sources"]["fanfics"]["supervised_share"] > 0.97
+    assert 0 < metrics["train"]["fill"] <= 1
+    assert layout.tokenize_dropped.read_text() == ""
+
+
+def test_unpacked_train_is_one_example_per_row_and_the_stage_is_deterministic(tmp_path, base_tokenizer_dir):
+    from datasets import load_from_disk
+
+    from orca8k.stages import run_stage
+
+    tables = []
+    for name in ("a", "b"):
+        cfg = prepare_run(tmp_path / name, base_tokenizer_dir, [f"tokenize.max_length={MAX_LENGTH}",
+                                                                "tokenize.packing=false"])
+        result = run_stage("tokenize", cfg)
+        train = load_from_disk(str(Layout.from_config(cfg).tokenized_train))
+        assert len(train) == result.summary["train"]["rows"] == result.summary["train"]["examples"]
+        assert "source" in train.column_names
+        tables.append(train.data.table)
+    assert tables[0].equals(tables[1])
+
+
+def test_stage_refuses_missing_or_failed_inputs(tmp_path, base_tokenizer_dir):
+    from orca8k.stages import run_stage
+
+    cfg = prepare_run(tmp_path / "failed", base_tokenizer_dir, success=False)
+    with pytest.raises(ValidationFailed, match="the mix failed validation"):
+        run_stage("tokenize", cfg)
+    cfg = prepare_run(tmp_path / "nomix", base_tokenizer_dir)
+    Layout.from_config(cfg).mix_val.unlink()
+    with pytest.raises(StageInputMissing, match="val.parquet: no mix"):
+        run_stage("tokenize", cfg)
+    bad = mix_rows(3, 0) + [{"id": "orca-chat-bad", "source": "orca-chat", "doc_id": "x", "kind": "chat",
+                             "messages": [{"role": "user", "content": "q"}], "text": None, "chunk_index": 0}]
+    cfg = prepare_run(tmp_path / "bad", base_tokenizer_dir, train_rows=bad)
+    with pytest.raises(DataError, match=r"train.parquet: row id='orca-chat-bad': messages: messages\[0\].role: "
+                                        r"a conversation must end with an assistant reply"):
+        run_stage("tokenize", cfg)
+
+
+def test_cli_runs_the_stage(tmp_path, base_tokenizer_dir):
+    prepare_run(tmp_path, base_tokenizer_dir, [f"tokenize.max_length={MAX_LENGTH}"],
+                train_rows=mix_rows(4, 2), val_rows=mix_rows(2, 1))
+    proc = run_cli("tokenize", "--params", str(REPO / "params.yaml"), "--set", f"paths.root={tmp_path}",
+                   "--set", f"tokenize.max_length={MAX_LENGTH}", cwd=tmp_path)
+    assert f"[tokenize] wrote metrics: {tmp_path / 'metrics' / 'tokenize.json'}" in proc.stdout
+
+
+# ------------------------------------------------------------------------------ independent statistics
+def stats_of(examples, special, train_on_system=False):
+    import pyarrow as pa
+
+    ids = pa.array([e[0] for e in examples], pa.list_(pa.int32()))
+    labels = pa.array([e[1] for e in examples], pa.list_(pa.int32()))
+    return {k: v.tolist() for k, v in example_stats(ids, labels, special, train_on_system).items()}
+
+
+def test_example_stats_count_from_the_arrays_alone(tokenizer):
+    enc = ChatEncoder(tokenizer)
+    special = SpecialIds.of(enc)
+    chat = enc.encode_chat(TWO_TURNS)
+    text = enc.encode_text("The river.")
+    stats = stats_of([(chat.input_ids, chat.labels), (text.input_ids, text.labels)], special)
+    assert stats["num_tokens"] == [len(chat), len(text)]
+    assert stats["supervised_tokens"] == [chat.num_supervised, len(text) - 1]
+    assert stats["supervised_eos"] == [2, 1] and stats["eos_tokens"] == [5, 1]
+    assert stats["bos_tokens"] == [1, 1] and stats["bos_first"] == [True, True]
+    assert (stats["system_tokens"], stats["prompter_tokens"], stats["assistant_tokens"]) == ([1, 0], [2, 0], [2, 0])
+    assert stats["complete_replies"] == [2, 0] and stats["ends_with_eos"] == [True, True]
+    assert stats["label_mismatch"] == [0, 0]
+    assert stats["supervised_outside_reply"][0] == 0
+    # forged masks are seen: a supervised prompter turn, a supervised role token, a cut reply, a wrong label
+    p = chat.input_ids.index(special.prompter)
+    forged = list(chat.labels)
+    forged[p + 1] = chat.input_ids[p + 1]
+    a = chat.input_ids.index(special.assistant)
+    forged[a] = special.assistant
+    forged[a + 1] = 7 if chat.input_ids[a + 1] != 7 else 8
+    cut_ids, cut_labels = chat.input_ids[:-1], chat.labels[:-1]
+    s = stats_of([(chat.input_ids, forged), (cut_ids, cut_labels)], special)
+    assert s["supervised_outside_reply"] == [2, 0] and s["label_mismatch"] == [1, 0]
+    assert s["complete_replies"] == [2, 1] and s["supervised_eos"] == [2, 1]
+    assert stats_of([(chat.input_ids, chat.labels)], special, train_on_system=True)["supervised_outside_reply"] == [0]
+
+
+def test_packed_row_stats_see_broken_positions():
+    import pyarrow as pa
+
+    special = SpecialIds(bos=1, eos=2, system=3, prompter=4, assistant=5)
+    rows = {"input_ids": [[1, 9, 2, 1, 9], [1, 9, 9]], "labels": [[-100, 9, 2, -100, 9], [-100, 9, 9]],
+            "position_ids": [[0, 1, 2, 0, 1], [0, 2, 3]]}
+    cols = {k: pa.array(v, pa.list_(pa.int32())) for k, v in rows.items()}
+    s = {k: v.tolist() for k, v in packed_row_stats(cols["input_ids"], cols["labels"], cols["position_ids"],
+                                                    special).items()}
+    assert s == {"num_tokens": [5, 3], "supervised_tokens": [3, 2], "segments": [2, 1], "bos_tokens": [2, 1],
+                 "bos_at_restart": [2, 1], "broken_positions": [0, 1], "label_at_restart": [0, 0]}
+    assert np.array_equal(np.asarray(s["segments"]), np.asarray(s["bos_at_restart"]))

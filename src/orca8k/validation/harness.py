@@ -56,6 +56,7 @@ import hashlib
 import json
 import os
 import shutil
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -291,6 +292,7 @@ def run_validation(
     names = [b.name for b in batches]
     if len(set(names)) != len(names):
         raise ValueError(f"duplicate batch names: {sorted(n for n in names if names.count(n) > 1)}")
+    start = time.perf_counter()
     run_id = content_run_id(run_name, batches)
     if data_docs_dir is not None:
         data_docs_dir = Path(data_docs_dir)
@@ -342,9 +344,12 @@ def run_validation(
             if urls and urls[0].get("site_url"):
                 run.pages[batch.name] = urls[0]["site_url"]
 
+    timings = {"checks_seconds": time.perf_counter() - start}
     index = None
     if data_docs_dir is not None:
+        start = time.perf_counter()
         ctx.build_data_docs(site_names=[SITE_NAME])
+        timings["data_docs_seconds"] = time.perf_counter() - start
         index = data_docs_dir / "index.html"
     return ValidationReport(
         run_id=run_id,
@@ -354,6 +359,7 @@ def run_validation(
         data_docs_index=index,
         data_docs_pages={n: _relative_page(u, data_docs_dir) for n, u in run.pages.items()} if data_docs_dir else {},
         gx_version=gx.__version__,
+        timings=timings,
     )
 
 

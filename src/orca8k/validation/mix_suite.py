@@ -46,6 +46,7 @@ from orca8k.validation.mix_frames import (
 )
 
 SPLITS = ("train", "val")
+READ_BATCH_ROWS = 1024  # rows per record batch read (≤ 1024 × 65,535 chars of text in memory at a time)
 ROLES_REGEX = r"^(?:system)?(?:(?:^|,)user,assistant)*$"
 # manifest["sources"][name][split][...] (written by the mix stage): rows written, and the rows (chunks of the split's
 # documents) available before the val cap / the train fraction draw
@@ -184,11 +185,47 @@ def schema_suite() -> Suite:
 
 
 # ----------------------------------------------------------------------------------------------------- frames
-def _read(path: Path, flt: Any = None) -> pa.Table:
+def _derive_split(path: Path, split: str, names: list[str]) -> tuple[dict[str | None, list], pa.Schema]:
+    """Stream one parquet file in record batches of `READ_BATCH_ROWS` rows and derive each source's rows.
+
+    Returns:
+        `({source or None: [(frame, token_counts), ...]}, schema)`; None collects rows whose source is null or not
+        in `names` (or every row, when the file has no `source` column).
+
+    Raises:
+        DataError: the file cannot be read (names it).
+    """
+    parts: dict[str | None, list] = {name: [] for name in [*names, None]}
     try:
-        return pq.read_table(path, filters=flt)
+        reader = pq.ParquetFile(path)
+        schema = reader.schema_arrow
+        has_source = schema.get_field_index("source") >= 0
+        for record_batch in reader.iter_batches(batch_size=READ_BATCH_ROWS):
+            table = pa.Table.from_batches([record_batch])
+            if not has_source:
+                parts[None].append(derive_rows(table, split))
+                continue
+            source = table.column("source")
+            for name in names:
+                picked = table.filter(pc.fill_null(pc.equal(source, name), False))
+                if picked.num_rows:
+                    parts[name].append(derive_rows(picked, split))
+            other = table.filter(pc.invert(pc.fill_null(pc.is_in(source, pa.array(names, pa.string())), False)))
+            if other.num_rows:
+                parts[None].append(derive_rows(other, split))
     except (OSError, pa.ArrowException) as err:
         raise DataError(f"{path}: cannot read the parquet file: {err}") from None
+    return parts, schema
+
+
+def _concat(parts: list, split: str) -> tuple[pd.DataFrame, dict[str, np.ndarray]]:
+    """One frame and token counts from a list of derived pieces (an empty frame of the right columns if none)."""
+    if not parts:
+        empty = pa.table({n: pa.array([], t) for n, t in CONTRACT_COLUMNS.items()})
+        return derive_rows(empty, split)
+    frame = pd.concat([p[0] for p in parts], ignore_index=True)
+    counts = {t: np.concatenate([p[1][t] for p in parts]) for t in parts[0][1]}
+    return frame, counts
 
 
 def _manifest_entry(manifest: dict[str, Any], source: str, split: str) -> dict[str, Any]:
@@ -248,7 +285,8 @@ class MixBatches:
 
 
 def build_mix_batches(cfg: Config, train: Path, val: Path, manifest: dict[str, Any]) -> MixBatches:
-    """Read the mix (per source, so memory stays bounded by the largest source) and build every batch.
+    """Read the mix (streamed in record batches: memory holds the derived columns, not the text) and build every
+    batch.
 
     Args:
         cfg: the config (`data.sources.*.format/fraction/max_val_set`, `validate.*`).
@@ -270,28 +308,15 @@ def build_mix_batches(cfg: Config, train: Path, val: Path, manifest: dict[str, A
     rows: dict[tuple[str, str], int] = {}
     suites = {name: source_suite(name, src, v) for name, src in cfg.data.sources.items()}
     for split, path in zip(SPLITS, (train, val), strict=True):
-        try:
-            schema = pq.read_schema(path)
-        except (OSError, pa.ArrowException) as err:
-            raise DataError(f"{path}: cannot read the parquet schema: {err}") from None
+        parts, schema = _derive_split(path, split, names)
         batches.append(Batch(f"schema.{split}", schema_suite(), schema_frame(schema), id_column="column"))
-        has_source = schema.get_field_index("source") >= 0
-        parts: list[tuple[str | None, pa.Table]] = []
-        if has_source:
-            for name in names:
-                parts.append((name, _read(path, pc.field("source") == name)))
-            other = ~pc.field("source").isin(names) | pc.field("source").is_null()
-            parts.append((None, _read(path, other)))
-        else:
-            table = _read(path)  # no source column: every row is "other", every source batch is empty
-            parts += [(None, table), *((name, table.slice(0, 0)) for name in names)]
-        for name, table in parts:
-            frame, counts = derive_rows(table, split)
+        for name, pieces in parts.items():
+            frame, counts = _concat(pieces, split)
             derived.append(frame)
             for token, c in counts.items():
                 token_counts.setdefault(token, []).append(c)
             if name is not None:
-                rows[(name, split)] = table.num_rows
+                rows[(name, split)] = len(frame)
                 batches.append(Batch(f"{name}.{split}", suites[name], frame))
     all_rows = pd.concat(derived, ignore_index=True)
     batches.append(Batch("all", global_suite(cfg), with_split_counts(all_rows)))

@@ -97,6 +97,8 @@ class ValidationReport:
         data_docs_index: the site's `index.html` (None when Data Docs were not built).
         data_docs_pages: `{batch: page path relative to the site root}` (not in the JSON: it holds the run time).
         gx_version: Great Expectations version that ran the checks.
+        timings: seconds spent running the checks (`checks_seconds`) and building Data Docs (`data_docs_seconds`);
+            not in the JSON (it must not change between identical runs).
     """
 
     run_id: str
@@ -106,6 +108,7 @@ class ValidationReport:
     data_docs_index: Path | None = None
     data_docs_pages: dict[str, str] = field(default_factory=dict)
     gx_version: str = ""
+    timings: dict[str, float] = field(default_factory=dict)
 
     def failures(self) -> list[CheckResult]:
         """The checks that failed, in run order."""

@@ -209,3 +209,90 @@ def test_packed_row_stats_see_broken_positions():
     assert s == {"num_tokens": [5, 3], "supervised_tokens": [3, 2], "segments": [2, 1], "bos_tokens": [2, 1],
                  "bos_at_restart": [2, 1], "broken_positions": [0, 1], "label_at_restart": [0, 0]}
     assert np.array_equal(np.asarray(s["segments"]), np.asarray(s["bos_at_restart"]))
+
+
+# ------------------------------------------------------------------------------ the token-level suite
+def test_the_token_suite_passes_and_writes_its_result(packed_run):
+    cfg, result = packed_run
+    layout = Layout.from_config(cfg)
+    data = json.loads(layout.token_validation_result.read_text())
+    assert data["success"] is True and result.summary["token_validation"]["success"] is True
+    assert data["run_id"] == result.summary["token_validation"]["run_id"]
+    batches = set(data["batches"])
+    assert batches == {"orca-chat.train", "orca-chat.val", "fanfics.train", "fanfics.val", "sources", "packed",
+                       "packing"}
+    checks = {(c["batch"], c["check"]) for c in data["checks"]}
+    for name in ("one_eos_per_reply", "eos_closes_blocks", "supervised_only_in_replies", "supervised_min",
+                 "max_length", "one_bos", "bos_first", "labels_equal_inputs", "replies_match_encoder"):
+        assert ("orca-chat.train", name) in checks
+    for name in ("all_targets_supervised", "no_role_tokens", "eos_only_at_the_end"):
+        assert ("fanfics.val", name) in checks
+    assert ("sources", "supervised_share") in checks and ("packed", "positions_restart_and_step") in checks
+    assert set(data["rates"]) == {"orca-chat.train", "orca-chat.val", "fanfics.train", "fanfics.val"}
+    assert (layout.token_data_docs / "index.html").is_file()
+
+
+def test_a_share_out_of_bounds_stops_the_stage_after_writing_results(tmp_path, base_tokenizer_dir):
+    from orca8k.stages import run_stage
+
+    cfg = prepare_run(tmp_path, base_tokenizer_dir, [f"tokenize.max_length={MAX_LENGTH}",
+                                                     "tokenize.min_supervised_share=0.9"])
+    with pytest.raises(ValidationFailed, match=r"supervised_share"):
+        run_stage("tokenize", cfg)
+    layout = Layout.from_config(cfg)
+    data = json.loads(layout.token_validation_result.read_text())
+    failed = {(c["batch"], c["check"]) for c in data["checks"] if not c["success"]}
+    assert failed == {("sources", "supervised_share")}
+    (check,) = [c for c in data["checks"] if not c["success"]]
+    assert {e["id"] for e in check["examples"]} == {"orca-chat.train", "orca-chat.val"}  # chat share < 0.9
+    assert json.loads(layout.tokenize_metrics.read_text())["train"]["sources"]["orca-chat"]["supervised_share"] < 0.9
+
+
+def test_the_token_suite_catches_broken_masks_positions_and_lost_tokens(tokenizer):
+    import pandas as pd
+
+    from orca8k.config import load_config
+    from orca8k.validation.harness import run_validation
+    from orca8k.validation.token_suite import build_token_batches
+
+    cfg = load_config(REPO / "params.yaml", [f"tokenize.max_length={MAX_LENGTH}"])
+    enc = ChatEncoder(tokenizer)
+    special = SpecialIds.of(enc)
+    chat = enc.encode_chat(TWO_TURNS)
+    text = enc.encode_text_examples("The queen and the dragon. " * 3, MAX_LENGTH).examples[0]
+    bad_labels = list(chat.labels)
+    bad_labels[chat.input_ids.index(special.prompter) + 1] = chat.input_ids[chat.input_ids.index(special.prompter) + 1]
+    rows = [("c0", "orca-chat", "chat", chat.input_ids, chat.labels, 2),
+            ("c1", "orca-chat", "chat", chat.input_ids, bad_labels, 2),     # a prompter token supervised
+            ("c2", "orca-chat", "chat", chat.input_ids[:-1], chat.labels[:-1], 2),  # encoder says 2 replies, arrays 1
+            ("t0", "fanfics", "text", text.input_ids, text.labels, 0),
+            ("t1", "fanfics", "text", text.input_ids, [IGNORE_INDEX] * 2 + text.labels[2:], 0)]  # a target unsupervised
+    import pyarrow as pa
+
+    s = example_stats(pa.array([r[3] for r in rows], pa.list_(pa.int32())),
+                      pa.array([r[4] for r in rows], pa.list_(pa.int32())), special)
+    frame = pd.DataFrame({"id": [r[0] for r in rows], "row_id": [r[0] for r in rows], "source": [r[1] for r in rows],
+                          "kind": [r[2] for r in rows], "part": 0, "parts": 1, "assistant_turns": [r[5] for r in rows],
+                          "cut_tokens": 0, **s})
+    metrics = {split: {"sources": {src: {"examples": 1, "tokens": 10, "supervised_tokens": 5, "supervised_share": 0.5,
+                                         "split_rate": 0, "cut_rate": 0, "drop_rate": 0}
+                                   for src in ("orca-chat", "fanfics")}} for split in ("train", "val")}
+    packed = {"num_tokens": np.array([10, 70]), "supervised_tokens": np.array([5, 5]), "segments": np.array([2, 1]),
+              "bos_tokens": np.array([2, 1]), "bos_at_restart": np.array([2, 1]), "broken_positions": np.array([0, 1]),
+              "label_at_restart": np.array([0, 0]), "num_examples": np.array([2, 1])}
+    report = run_validation(build_token_batches(cfg, {"train": frame, "val": frame}, packed, metrics),
+                            run_name="tokens-test", data_docs_dir=None)
+    failed = {(c.batch, c.check): sorted(e.get("id", e.get("value")) for e in c.examples)
+              for c in report.checks if not c.success}
+    assert failed == {
+        ("orca-chat.train", "supervised_only_in_replies"): ["c1"],
+        ("orca-chat.val", "supervised_only_in_replies"): ["c1"],
+        ("orca-chat.train", "replies_match_encoder"): ["c2"],
+        ("orca-chat.val", "replies_match_encoder"): ["c2"],
+        ("fanfics.train", "all_targets_supervised"): ["t1"],
+        ("fanfics.val", "all_targets_supervised"): ["t1"],
+        ("packed", "max_length"): ["row1"],
+        ("packed", "positions_restart_and_step"): ["row1"],
+        ("packing", "tokens_kept"): [int(frame["num_tokens"].sum()) - 80],
+        ("packing", "supervised_kept"): [int(frame["supervised_tokens"].sum()) - 10],
+    }

@@ -86,6 +86,15 @@ class Layout:
         return self.tokenized / "validation"
 
     @property
+    def token_validation_result(self) -> Path:
+        """The token-level suite's result JSON (`success`, `run_id`, checks, rates)."""
+        return self.token_validation / "result.json"
+
+    @property
+    def token_data_docs(self) -> Path:
+        return self.token_validation / "data_docs"
+
+    @property
     def tokenize_dropped(self) -> Path:
         """Examples dropped by `tokenize` (no supervised token left), one JSON object per line, with the reason."""
         return self.tokenized / "dropped.jsonl"

@@ -9,7 +9,8 @@ base tokenizer (`orca8k.model.base.resolve_base`). Writes:
 - `layout.tokenized_train`: the same columns, or with `tokenize.packing` packed rows `input_ids`, `labels`,
   `position_ids`, `num_examples` (`orca8k.data.packing`);
 - `layout.tokenize_dropped`: examples dropped for having no supervised token (JSON lines, with the reason);
-- `layout.token_validation`: the token-level validation (result JSON + Data Docs);
+- `layout.token_validation`: the token-level suite (`orca8k.validation.token_suite`: result JSON + Data Docs); a
+  failing check stops the stage with `ValidationFailed`;
 - `layout.tokenize_metrics` (DVC metrics): per split and per source rows, examples, tokens, supervised tokens, share,
   split/cut/drop counts and rates (`plan.py` reads `["train"]["rows" | "tokens" | "supervised_tokens"]`).
 
@@ -106,7 +107,7 @@ def run(cfg: Config) -> StageResult:
     metrics = _metrics(cfg, stats, counts, dropped_lines, vocab)
     layout.tokenize_metrics.write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
     with timer("validate"):
-        validation = _validate(cfg, layout, stats, counts)
+        validation = _validate(cfg, layout, stats, counts, metrics)
     return StageResult(
         stage="tokenize",
         outputs={"tokenizer": layout.tokenizer, "train": layout.tokenized_train, "val": layout.tokenized_val,
@@ -315,10 +316,9 @@ def _metrics(cfg: Config, stats: dict[str, pd.DataFrame], counts: dict[str, dict
     return out
 
 
-def _validate(cfg: Config, layout: Layout, stats: dict[str, pd.DataFrame], counts: dict[str, dict[str, Any]]) -> dict:
-    """The token-level suite (`orca8k.validation.token_suite`) once the shared harness exists; raises on failure."""
-    try:
-        from orca8k.validation.token_suite import validate_tokens
-    except ImportError:
-        return {"ran": False, "reason": "orca8k.validation harness not available"}
-    return validate_tokens(cfg, layout, stats, counts)
+def _validate(cfg: Config, layout: Layout, stats: dict[str, pd.DataFrame], counts: dict[str, dict[str, Any]],
+              metrics: dict[str, Any]) -> dict[str, Any]:
+    """The token-level suite through the shared GX harness (`orca8k.validation.token_suite`); raises on failure."""
+    from orca8k.validation.token_suite import validate_tokens
+
+    return validate_tokens(cfg, layout, stats, counts["train"].get("packed"), metrics)

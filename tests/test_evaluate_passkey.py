@@ -11,6 +11,7 @@ from orca8k.data.chat_format import ChatEncoder
 from orca8k.errors import ConfigError
 from orca8k.evaluation import passkey as pk
 from tests.fixtures.evaluate import bigram_llama
+from tests.fixtures.models import make_tiny_llama
 
 
 @pytest.mark.parametrize("depth", [0.0, 0.25, 0.5, 0.9, 1.0])
@@ -78,9 +79,31 @@ def test_a_model_that_knows_the_key_scores_one_and_another_key_scores_zero(token
     assert results[1].key_logprob_per_digit == pytest.approx(by_hand / 5, abs=1e-4)
 
 
+def test_one_teacher_forced_pass_equals_greedy_generation(tokenizer):
+    encoder = ChatEncoder(tokenizer)
+    trials = [pk.build_trial(encoder, 256, d, k, i) for i, (d, k) in enumerate([(0.0, "12345"), (0.5, "90817")])]
+    hit_chain = [trials[0].prompt_ids[-1], *trials[0].answer_ids, encoder.eos_id]
+    (nine,) = encoder.segment_ids("9")
+    partial_chain = [*hit_chain[:4], nine]  # follows " 12" of the key, then says 9
+    models = [bigram_llama(len(tokenizer), hit_chain), bigram_llama(len(tokenizer), partial_chain),
+              make_tiny_llama(len(tokenizer), context=128, seed=9)]
+    for model in models:
+        for trial, result in zip(trials, pk.evaluate_passkey(model, tokenizer, trials), strict=True):
+            prompt = torch.tensor([trial.prompt_ids])
+            with torch.no_grad():
+                out = model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), do_sample=False,
+                                     max_new_tokens=len(trial.answer_ids) + 1, pad_token_id=encoder.eos_id)
+            greedy = out[0, len(trial.prompt_ids) :].tolist()
+            assert greedy[: len(result.generated_ids)] == result.generated_ids
+    assert pk.evaluate_passkey(models[0], tokenizer, trials[:1])[0].generated_ids == [*trials[0].answer_ids, encoder.eos_id]
+    partial = pk.evaluate_passkey(models[1], tokenizer, trials[:1])[0]
+    assert partial.generated_ids == partial_chain[1:] and partial.generated_text.strip() == "129"
+    assert not partial.correct
+
+
 def test_table_and_summary_aggregate_per_length_and_depth():
     def result(length, depth, correct, lp):
-        return pk.PasskeyResult(length, depth, 0, "1", "", correct, lp * 5, lp, length, 1, depth)
+        return pk.PasskeyResult(length, depth, 0, "1", "", [], correct, lp * 5, lp, length, 1, depth)
 
     results = [result(256, 0.0, True, -1.0), result(256, 0.0, False, -3.0), result(512, 0.5, False, -2.0)]
     assert pk.passkey_table(results) == [

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from orca8k.data.chat_format import IGNORE_INDEX
-from orca8k.evaluation.per_source import evaluate_per_source, pad_collate, per_source_metrics
+from orca8k.data.collate import CausalLMCollator
+from orca8k.evaluation.per_source import evaluate_per_source, per_source_metrics
 from orca8k.evaluation.scoring import TokenStats, score_batch, score_logits
 from tests.fixtures.models import make_tiny_llama
 
@@ -23,7 +24,7 @@ class TableModel(torch.nn.Module):
         super().__init__()
         self.table = torch.nn.Parameter(table, requires_grad=False)
 
-    def forward(self, input_ids, attention_mask=None, position_ids=None, logits_to_keep=0):
+    def forward(self, input_ids, attention_mask=None, position_ids=None, logits_to_keep=0, use_cache=None):
         return SimpleNamespace(logits=self.table[input_ids])
 
 
@@ -68,7 +69,7 @@ def test_per_source_metrics_are_exact_and_grouped_by_source():
         {"source": "a", "input_ids": [2, 0], "labels": [X, 0]},  # hit: 0 after 2
         {"source": "b", "input_ids": [1, 3, 0, 1], "labels": [X, 3, X, 1]},  # miss 3 after 1, hit 1 after 0
     ]
-    stats = evaluate_per_source(model, rows, pad_collate(pad_token_id=3), batch_size=2)
+    stats = evaluate_per_source(model, rows, CausalLMCollator(pad_token_id=3), batch_size=2)
     assert list(stats) == ["a", "b"]
     assert (stats["a"].tokens, stats["a"].correct) == (1, 1)
     assert (stats["b"].tokens, stats["b"].correct) == (4, 3)
@@ -85,17 +86,10 @@ def test_per_source_metrics_are_exact_and_grouped_by_source():
     }
 
 
-def test_pad_collate_pads_right_with_ignored_labels():
-    batch = pad_collate(pad_token_id=2)([{"input_ids": [5, 6, 7], "labels": [X, 6, 7]}, {"input_ids": [5], "labels": [5]}])
-    assert batch["input_ids"].tolist() == [[5, 6, 7], [5, 2, 2]]
-    assert batch["labels"].tolist() == [[X, 6, 7], [5, X, X]]
-    assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
-
-
 def test_rows_breaking_the_contract_name_the_row_and_field():
     with pytest.raises(ValueError, match=r"row 1: field 'labels'"):
         evaluate_per_source(TableModel(TABLE), [{"source": "a", "input_ids": [0, 1], "labels": [X, 1]},
-                                                {"source": "a", "input_ids": [0, 1], "labels": [X]}], pad_collate(3), 2)
+                                                {"source": "a", "input_ids": [0, 1], "labels": [X]}], CausalLMCollator(3), 2)
 
 
 def test_per_source_eval_is_deterministic_and_independent_of_batch_size():
@@ -107,10 +101,10 @@ def test_per_source_eval_is_deterministic_and_independent_of_batch_size():
         ids = torch.randint(3, 50, (n,), generator=gen).tolist()
         labels = [X if j < n // 2 else t for j, t in enumerate(ids)]
         rows.append({"source": "s" if i % 2 else "t", "input_ids": ids, "labels": labels})
-    first = evaluate_per_source(model, rows, pad_collate(2), batch_size=3)
-    second = evaluate_per_source(model, rows, pad_collate(2), batch_size=3)
+    first = evaluate_per_source(model, rows, CausalLMCollator(2), batch_size=3)
+    second = evaluate_per_source(model, rows, CausalLMCollator(2), batch_size=3)
     assert first == second  # bit-identical
-    one_by_one = evaluate_per_source(model, rows, pad_collate(2), batch_size=1)
+    one_by_one = evaluate_per_source(model, rows, CausalLMCollator(2), batch_size=1)
     for source in first:
         assert one_by_one[source].tokens == first[source].tokens
         assert one_by_one[source].correct == first[source].correct

@@ -3,10 +3,11 @@
 The synthetic test of the position-interpolation literature (Mohtashami & Jaggi 2023, "Landmark Attention",
 arXiv:2305.16300; used by Chen et al. 2023, arXiv:2306.15595, to test linear RoPE scaling), with its prompt: an
 instruction, `N` filler sentences (the paragraph "The grass is green. The sky is blue. The sun is yellow. Here we go.
-There and back again." cycled) with the key sentence inserted after `round(depth × N)` of them, then the question. `N` is the largest count for which the prompt, the key and one extra generated token fit in the context
-length. Two scores per trial, from the same model:
+There and back again." cycled) with the key sentence inserted after `round(depth × N)` of them, then the question.
+`N` is the largest count for which the prompt, the key and one extra generated token fit in the context length. Two scores per trial, from the same model:
 
-- exact match: the first run of digits in the greedy continuation (`len(answer) + 1` new tokens) equals the key;
+- exact match: the first run of digits in the greedy continuation (`len(answer) + 1` new tokens) equals the key
+  (read off one teacher-forced pass: see `evaluate_passkey`);
 - `key_logprob_per_digit`: the teacher-forced log-probability of the key's tokens, divided by its digits
   (chance for a uniform guess over digits: `-ln 10 ≈ -2.303` nats).
 
@@ -171,6 +172,7 @@ class PasskeyResult:
     trial: int
     key: str
     generated_text: str
+    generated_ids: list[int]
     correct: bool
     key_logprob: float
     key_logprob_per_digit: float
@@ -183,46 +185,46 @@ class PasskeyResult:
 
 
 def evaluate_passkey(model: Any, tokenizer: Any, trials: Sequence[PasskeyTrial]) -> list[PasskeyResult]:
-    """Score each trial: teacher-forced key log-probability and greedy exact match.
+    """Score each trial with one forward pass over `prompt + key`: the key's log-probability and greedy exact match.
+
+    Greedy decoding picks the arg-max at every step, so it reproduces the key's `n` tokens exactly when the arg-max
+    at each key position, given the prompt and the key's earlier tokens, is the key's token — which is what the
+    teacher-forced pass shows, position by position. The pass also gives the step after the key (does greedy stop
+    the number there?) and, on a miss, the greedy output up to and including its first wrong token. This equals
+    running `generate(do_sample=False)` for `n + 1` tokens (up to arithmetic ties), at the cost of a single prefill.
 
     Args:
         model: a causal LM in eval mode.
-        tokenizer: decodes the generated ids.
+        tokenizer: decodes the greedy ids.
         trials: from `make_trials`.
 
     Returns:
-        One `PasskeyResult` per trial, in order.
+        One `PasskeyResult` per trial, in order. `generated_text` is the greedy continuation: the key and the token
+        after it on a hit, the tokens up to the first wrong one on a miss; `correct` is whether its first run of
+        digits is the key (a digit after the key makes it a miss).
     """
-    import logging
-
     import torch
 
-    # generation past `max_position_embeddings` (the native context, by the RoPE convention) is the point here
-    logging.getLogger("transformers.generation.stopping_criteria").setLevel(logging.ERROR)
     device = next(model.parameters()).device
     results = []
     for t in trials:
         n = len(t.answer_ids)
+        answer = torch.tensor([t.answer_ids], dtype=torch.long, device=device)  # [1, n]
         with torch.inference_mode():
-            teacher = torch.tensor([t.prompt_ids + t.answer_ids[:-1]], dtype=torch.long, device=device)  # [1, seq_len]
-            logits = model(input_ids=teacher, logits_to_keep=n).logits  # [1, n, vocab]
-            nll_sum, _, _ = score_logits(logits, torch.tensor([t.answer_ids], dtype=torch.long, device=device))
-            prompt = torch.tensor([t.prompt_ids], dtype=torch.long, device=device)
-            out = model.generate(
-                input_ids=prompt,
-                attention_mask=torch.ones_like(prompt),
-                max_new_tokens=n + 1,
-                do_sample=False,
-                num_beams=1,
-                pad_token_id=tokenizer.pad_token_id,
-            )
-        text = tokenizer.decode(out[0, len(t.prompt_ids) :].tolist(), skip_special_tokens=True)
+            ids = torch.tensor([t.prompt_ids + t.answer_ids], dtype=torch.long, device=device)  # [1, prompt + n]
+            logits = model(input_ids=ids, logits_to_keep=n + 1, use_cache=False).logits  # [1, n + 1, vocab]
+            nll_sum, _, _ = score_logits(logits[:, :n], answer)
+            greedy = logits[0].argmax(dim=-1).tolist()  # [n + 1]: the arg-max after each prefix of the key
+        wrong = next((j for j in range(n) if greedy[j] != t.answer_ids[j]), n)
+        generated = t.answer_ids[:wrong] + [greedy[wrong]]
+        text = tokenizer.decode(generated, skip_special_tokens=True)
         found = re.search(r"\d+", text)
         logprob = -float(nll_sum[0])
         results.append(
             PasskeyResult(
-                t.context_length, t.depth, t.trial, t.key, text, bool(found and found.group() == t.key), logprob,
-                logprob / len(t.key), len(t.prompt_ids), t.filler_count, t.realised_depth,
+                t.context_length, t.depth, t.trial, t.key, text, generated,
+                bool(wrong == n and found and found.group() == t.key), logprob, logprob / len(t.key),
+                len(t.prompt_ids), t.filler_count, t.realised_depth,
             )
         )
     return results

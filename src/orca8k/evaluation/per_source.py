@@ -11,40 +11,12 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
-from orca8k.data.chat_format import IGNORE_INDEX
 from orca8k.evaluation.scoring import TokenStats, score_batch
 
 if TYPE_CHECKING:
     import torch
 
 Collate = Callable[[list[dict[str, Any]]], dict[str, "torch.Tensor"]]
-
-
-def pad_collate(pad_token_id: int) -> Collate:
-    """A right-padding collator: `input_ids` padded with `pad_token_id`, `labels` with -100, `attention_mask` 0.
-
-    Args:
-        pad_token_id: the tokenizer's pad id (`</s>` for the OA tokenizer).
-
-    Returns:
-        `collate(rows) -> {"input_ids", "labels", "attention_mask"}`, each `[batch, max_len]` int64.
-    """
-
-    def collate(rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        import torch
-
-        width = max(len(r["input_ids"]) for r in rows)
-        input_ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
-        labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
-        attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for i, r in enumerate(rows):
-            n = len(r["input_ids"])
-            input_ids[i, :n] = torch.as_tensor(r["input_ids"], dtype=torch.long)
-            labels[i, :n] = torch.as_tensor(r["labels"], dtype=torch.long)
-            attention_mask[i, :n] = 1
-        return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
-
-    return collate
 
 
 def evaluation_order(rows: Sequence[dict[str, Any]]) -> list[int]:
@@ -61,7 +33,8 @@ def evaluate_per_source(
         model: a causal LM in eval mode.
         rows: examples with `input_ids` and `labels` (`[seq_len]` lists, labels aligned to inputs, -100 = not
             supervised) and `source` (one example per row: the tokenized validation split).
-        collate: turns a list of rows into a batch (`input_ids`, `labels`, `attention_mask` `[batch, seq_len]`).
+        collate: turns a list of rows into a batch (`input_ids`, `labels`, `attention_mask`, `position_ids`
+            `[batch, seq_len]`): the training collator, `orca8k.data.collate.CausalLMCollator`.
         batch_size: rows per forward pass (`evaluate.per_device_eval_batch_size`).
 
     Returns:

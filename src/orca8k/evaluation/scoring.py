@@ -102,5 +102,6 @@ def score_batch(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tenso
     device = next(model.parameters()).device
     kwargs = {k: batch[k].to(device) for k in ("attention_mask", "position_ids") if k in batch}
     with torch.inference_mode():
-        logits = model(input_ids=input_ids.to(device), **kwargs).logits  # [batch, seq_len, vocab]
+        # use_cache=False: with a cache transformers skips the packed-sequence mask derived from position_ids
+        logits = model(input_ids=input_ids.to(device), use_cache=False, **kwargs).logits  # [batch, seq_len, vocab]
         return tuple(t.cpu() for t in score_logits(logits[:, :-1], labels[:, 1:].to(device)))  # type: ignore[return-value]

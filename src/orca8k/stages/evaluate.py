@@ -40,7 +40,8 @@ def run(cfg: Config) -> StageResult:
     from orca8k.data.chat_format import ChatEncoder
     from orca8k.evaluation import context as ctx
     from orca8k.evaluation import passkey as pk
-    from orca8k.evaluation.per_source import evaluate_per_source, pad_collate, per_source_metrics
+    from orca8k.data.collate import CausalLMCollator
+    from orca8k.evaluation.per_source import evaluate_per_source, per_source_metrics
     from orca8k.evaluation.plots import plot_passkey, plot_ppl_vs_context
     from orca8k.model.tokenizer import load_tokenizer
 
@@ -61,7 +62,8 @@ def run(cfg: Config) -> StageResult:
     # 1. per-source metrics of the fine-tuned model over the supervised tokens of the tokenized val split
     fine_tuned = _load(cfg, "fine_tuned", layout.model, device, dtype)
     rows = _val_rows(layout.tokenized_val)
-    stats = evaluate_per_source(fine_tuned, rows, pad_collate(tokenizer.pad_token_id), ev.per_device_eval_batch_size)
+    collate = CausalLMCollator(pad_token_id=tokenizer.pad_token_id, padding_side="right")
+    stats = evaluate_per_source(fine_tuned, rows, collate, ev.per_device_eval_batch_size)
     eval_section = per_source_metrics(stats)
     seconds["per_source"] = _lap(clock)
     clock = time.perf_counter()

@@ -38,9 +38,9 @@ def run(cfg: Config) -> StageResult:
         DataError: the validation data break their contract, or the base and fine-tuning tokenizers disagree.
     """
     from orca8k.data.chat_format import ChatEncoder
+    from orca8k.data.collate import CausalLMCollator
     from orca8k.evaluation import context as ctx
     from orca8k.evaluation import passkey as pk
-    from orca8k.data.collate import CausalLMCollator
     from orca8k.evaluation.per_source import evaluate_per_source, per_source_metrics
     from orca8k.evaluation.plots import plot_passkey, plot_ppl_vs_context
     from orca8k.model.tokenizer import load_tokenizer

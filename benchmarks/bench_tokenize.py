@@ -93,9 +93,13 @@ def main() -> None:
     ap.add_argument("--max-length", type=int, default=512)
     ap.add_argument("--keep", action="store_true", help="keep the work folder")
     args = ap.parse_args()
+    # the tokenizers library's own default (threads on), set before orca8k's quiet default (off) can apply: the raw
+    # batched tokenizer and the stage then both use the cores; the loops are one call per row either way
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
     for key, value in {"HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "DS_ACCELERATOR": "cpu",
                        "GX_ANALYTICS_ENABLED": "false", "HF_DATASETS_DISABLE_PROGRESS_BARS": "1"}.items():
         os.environ.setdefault(key, value)
+    parallelism = os.environ["TOKENIZERS_PARALLELISM"]
     load_before = os.getloadavg()[0]
     startup = startup_seconds()
 
@@ -197,7 +201,7 @@ def main() -> None:
             "sentencepiece_train_seconds": round(spm_seconds, 2),
             "supervised_share_train": metrics["train"]["supervised_share"],
             "packed_fill_train": metrics["train"].get("fill"),
-            "tokenizers_parallelism": os.environ.get("TOKENIZERS_PARALLELISM", "unset (on)"),
+            "tokenizers_parallelism": parallelism,
             "cpu_count": os.cpu_count(),
             "load_average_before_after": [round(load_before, 2), round(os.getloadavg()[0], 2)],
             "targets": {"stage_vs_raw_batched": 0.8, "stage_vs_loop_tokenizer": 2.0},

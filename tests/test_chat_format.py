@@ -252,7 +252,7 @@ def test_encode_rows_names_the_bad_row(encoder):
 
 # ---------------------------------------------------------------------------------------- long texts in pieces
 def test_split_after_newlines_cuts_only_after_a_newline():
-    from orca8k.data.chat_format import split_after_newlines
+    from orca8k.model.segments import split_after_newlines
 
     assert split_after_newlines("", 4) == [""]
     assert split_after_newlines("abcdef", 4) == ["abcdef"]  # no newline in reach: one piece
@@ -266,10 +266,10 @@ def test_split_after_newlines_cuts_only_after_a_newline():
 def test_pieces_encode_exactly_like_the_whole_text(tokenizer, encoder, request):
     import json
 
-    from orca8k.data.chat_format import PIECE_CHARS
+    from orca8k.model.segments import PIECE_CHARS
     from tests.fixtures.tokenizer import corpus_lines
 
-    assert encoder.piece_chars == PIECE_CHARS  # the test tokenizer qualifies
+    assert encoder.segments.piece_chars == PIECE_CHARS  # the test tokenizer qualifies
     texts = ["\n".join(corpus_lines(400, seed=9)), "  lead\n\n\n  spaces \n" * 300, "\n" * 5000 + "end",
              "no newline " * 600, "émoji 🙂\n中文\n" * 400]
     try:
@@ -278,7 +278,7 @@ def test_pieces_encode_exactly_like_the_whole_text(tokenizer, encoder, request):
     except pytest.skip.Exception:
         pass
     assert any(len(t) > 4 * PIECE_CHARS for t in texts)
-    for first, whole_encoder in ((True, encoder._first), (False, encoder._inner)):
+    for first, whole_encoder in ((True, encoder.segments.first), (False, encoder.segments.inner)):
         whole = [whole_encoder.encode(t).ids for t in texts]
         assert encoder.segment_ids_batch(texts, first=first) == whole
         assert [encoder.segment_ids(t, first=first) for t in texts[:3]] == whole[:3]
@@ -287,7 +287,7 @@ def test_pieces_encode_exactly_like_the_whole_text(tokenizer, encoder, request):
 def test_newline_boundary_needs_a_vocabulary_without_newline_pieces(tokenizer):
     import json
 
-    from orca8k.model.tokenizer import spec_newline_is_a_boundary
+    from orca8k.model.segments import spec_newline_is_a_boundary
 
     spec = json.loads(tokenizer.backend_tokenizer.to_str())
     assert spec_newline_is_a_boundary(spec)

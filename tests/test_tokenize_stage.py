@@ -117,15 +117,15 @@ def test_metrics_are_exact_per_split_and_source(packed_run):
     assert layout.tokenize_dropped.read_text() == ""
 
 
-def test_unpacked_train_is_one_example_per_row_and_the_stage_is_deterministic(tmp_path, base_tokenizer_dir):
+def test_unpacked_train_is_one_example_per_row_and_the_same_with_two_processes(tmp_path, base_tokenizer_dir):
     from datasets import load_from_disk
 
     from orca8k.stages import run_stage
 
     tables = []
-    for name in ("a", "b"):
+    for name, num_proc in (("a", 1), ("b", 2)):
         cfg = prepare_run(tmp_path / name, base_tokenizer_dir, [f"tokenize.max_length={MAX_LENGTH}",
-                                                                "tokenize.packing=false"])
+                                                                "tokenize.packing=false", f"tokenize.num_proc={num_proc}"])
         result = run_stage("tokenize", cfg)
         train = load_from_disk(str(Layout.from_config(cfg).tokenized_train))
         assert len(train) == result.summary["train"]["rows"] == result.summary["train"]["examples"]

@@ -28,7 +28,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from orca8k.model.tokenizer import ASSISTANT, BOS, EOS, PROMPTER, SYSTEM, newline_is_a_boundary, segment_tokenizer
+from orca8k.model.segments import SegmentEncoder
+from orca8k.model.tokenizer import ASSISTANT, BOS, EOS, PROMPTER, SYSTEM
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -37,7 +38,6 @@ IGNORE_INDEX = -100
 ROLES = ("system", "user", "assistant")
 ROLE_TOKENS = {"system": SYSTEM, "user": PROMPTER, "assistant": ASSISTANT}
 EXCHANGE_SPECIAL_TOKENS = 4  # <|prompter|> </s> <|assistant|> </s>
-PIECE_CHARS = 2048  # long texts are encoded in pieces of about this many chars, cut after a newline
 
 # Jinja chat template saved with the tokenizer: renders exactly the training string (`<s>` included, as
 # `apply_chat_template(..., tokenize=False)`; `apply_chat_template(..., tokenize=True)` adds no second BOS because
@@ -90,23 +90,6 @@ def check_messages(messages: Sequence[dict[str, Any]]) -> None:
             raise ValueError(f"messages[{i}].content: expected a string")
     if turns[-1]["role"] != "assistant":
         raise ValueError(f"messages[{len(messages) - 1}].role: a conversation must end with an assistant reply")
-
-
-def split_after_newlines(text: str, piece_chars: int) -> list[str]:
-    """Cut `text` after newlines into pieces of at most `piece_chars` chars where a newline allows it (a piece
-    without a newline in reach runs to the next one). `"".join(pieces) == text`; an empty text gives `[""]`."""
-    pieces, start = [], 0
-    while len(text) - start > piece_chars:
-        cut = text.rfind("\n", start, start + piece_chars)
-        if cut < 0:
-            cut = text.find("\n", start + piece_chars)
-            if cut < 0:
-                break
-        pieces.append(text[start:cut + 1])
-        start = cut + 1
-    if start < len(text) or not pieces:
-        pieces.append(text[start:])
-    return pieces
 
 
 def render_chat(messages: Sequence[dict[str, Any]]) -> str:
@@ -182,11 +165,7 @@ class ChatEncoder:
         ids = tokenizer.convert_tokens_to_ids([BOS, EOS, SYSTEM, PROMPTER, ASSISTANT])
         self.bos_id, self.eos_id, self.system_id, self.prompter_id, self.assistant_id = ids
         self.role_ids = {"system": self.system_id, "user": self.prompter_id, "assistant": self.assistant_id}
-        # Two segment encoders over the same vocabulary that never match special tokens inside text:
-        # `_inner` for text after a special token (no dummy prefix), `_first` for text at the start (`▁` prefix).
-        self._inner = segment_tokenizer(tokenizer, dummy_prefix=False)
-        self._first = segment_tokenizer(tokenizer, dummy_prefix=True)
-        self.piece_chars = PIECE_CHARS if newline_is_a_boundary(tokenizer) else 0
+        self.segments = SegmentEncoder(tokenizer)  # plain text → ids, special-token strings never matched
 
     # ------------------------------------------------------------------ pieces
     def segment_ids(self, text: str, *, first: bool = False) -> list[int]:
@@ -200,31 +179,8 @@ class ChatEncoder:
         return self.segment_ids_batch([text], first=first)[0]
 
     def segment_ids_batch(self, texts: Sequence[str], *, first: bool = False) -> list[list[int]]:
-        """`segment_ids` for many texts in one call into the Rust tokenizer (threads across cores unless
-        `TOKENIZERS_PARALLELISM=false`).
-
-        Long texts are encoded in pieces cut after a newline (`split_after_newlines`) when the vocabulary allows
-        it (`orca8k.model.tokenizer.newline_is_a_boundary`: no piece or merge crosses a `\n`, so BPE gives the same
-        ids per piece as over the whole): Llama's BPE runs over a whole text as one word (`Metaspace(split=False)`),
-        and its cost grows faster than the length. Only the first piece of a `first` text gets the dummy prefix.
-        """
-        pieces: list[str] = []
-        owners: list[int] = []
-        starts: list[bool] = []
-        for i, text in enumerate(texts):
-            for k, piece in enumerate(split_after_newlines(text, self.piece_chars) if self.piece_chars else [text]):
-                pieces.append(piece)
-                owners.append(i)
-                starts.append(first and k == 0)
-        out: list[list[int]] = [[] for _ in texts]
-        for tokenizer, flag in ((self._first, True), (self._inner, False)):
-            chosen = [j for j, s in enumerate(starts) if s == flag]
-            if not chosen:
-                continue
-            encodings = tokenizer.encode_batch_fast([pieces[j] for j in chosen], add_special_tokens=False)
-            for j, e in zip(chosen, encodings, strict=True):
-                out[owners[j]] += e.ids
-        return out
+        """`segment_ids` for many texts in one call into the Rust tokenizer (`SegmentEncoder.encode`)."""
+        return self.segments.encode(texts, first=first)
 
     def add_bos(self, ids: list[int]) -> list[int]:
         """Prefix `<s>` exactly once: the one function that adds BOS, for training, evaluation and sampling.

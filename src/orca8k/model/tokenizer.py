@@ -132,61 +132,6 @@ def _metaspace_first(node: Any) -> Any:
     return node
 
 
-def _set_dummy_prefix(node: Any, dummy_prefix: bool) -> Any:
-    """Rewrite a (non-legacy) tokenizers JSON spec so Llama's `▁` dummy prefix is always (True) or never (False)
-    added: Metaspace pre-tokenizers get `prepend_scheme` always/never."""
-    if isinstance(node, list):
-        return [_set_dummy_prefix(n, dummy_prefix) for n in node]
-    if not isinstance(node, dict):
-        return node
-    if node.get("type") == "Metaspace":
-        return {**node, "prepend_scheme": "always" if dummy_prefix else "never"}
-    return {k: _set_dummy_prefix(v, dummy_prefix) for k, v in node.items()}
-
-
-def segment_tokenizer(tok: PreTrainedTokenizerBase, dummy_prefix: bool) -> Any:
-    """A `tokenizers.Tokenizer` over `tok`'s vocabulary for plain-text segments: special-token strings are never
-    matched (`encode_special_tokens=True`), no special tokens are added, and Llama's `▁` dummy prefix is always
-    (`dummy_prefix=True`, text at the start of a sequence) or never (text after a special token) added.
-    Used by `orca8k.data.chat_format.ChatEncoder`; ids equal `tok`'s for text without special-token strings.
-    """
-    from tokenizers import Tokenizer
-
-    spec = normalised_spec(json.loads(tok.backend_tokenizer.to_str()))
-    spec["pre_tokenizer"] = _set_dummy_prefix(spec.get("pre_tokenizer"), dummy_prefix)
-    spec["post_processor"] = None  # segments get no special tokens; they are inserted by id
-    spec["padding"] = spec["truncation"] = None
-    segments = Tokenizer.from_str(json.dumps(spec))
-    segments.encode_special_tokens = True  # text is never parsed for special tokens
-    return segments
-
-
-def newline_is_a_boundary(tok: PreTrainedTokenizerBase) -> bool:
-    """Whether BPE never merges across a `\n` for this tokenizer, so text cut after a newline encodes to the same ids
-    piece by piece (with the dummy prefix only on the first piece) as in one call.
-
-    True when: the model is BPE with byte fallback, the normalizer is absent or `Replace(" ", "▁")` (per character),
-    the pre-tokenizer is `Metaspace(split=False)` (non-legacy), and no vocabulary piece other than the byte token
-    `<0x0A>` contains a newline (so no merge can involve one: it is always a byte-fallback symbol on its own).
-    Llama-2's tokenizer and the demo's (trained on lines) qualify.
-    """
-    return spec_newline_is_a_boundary(json.loads(tok.backend_tokenizer.to_str()))
-
-
-def spec_newline_is_a_boundary(spec: dict[str, Any]) -> bool:
-    """`newline_is_a_boundary` on a `tokenizers` JSON spec."""
-    spec = normalised_spec(spec)
-    model, norm, pre = spec.get("model") or {}, spec.get("normalizer"), spec.get("pre_tokenizer") or {}
-    replace_only = {"type": "Replace", "pattern": {"String": " "}, "content": METASPACE}
-    norms = norm.get("normalizers", []) if norm and norm.get("type") == "Sequence" else ([norm] if norm else [])
-    pres = pre.get("pretokenizers", []) if pre.get("type") == "Sequence" else [pre]
-    if model.get("type") != "BPE" or not model.get("byte_fallback") or any(n != replace_only for n in norms):
-        return False
-    if len(pres) != 1 or pres[0].get("type") != "Metaspace" or pres[0].get("split") is not False:
-        return False
-    return not any("\n" in piece for piece in model.get("vocab", {}))
-
-
 def load_base_tokenizer(name_or_path: str | Path, revision: str | None = None) -> PreTrainedTokenizerBase:
     """Load a Llama base tokenizer (a folder with `tokenizer.model` and/or `tokenizer.json`, or a hub id).
 

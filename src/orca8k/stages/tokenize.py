@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import shutil
 import time
 from collections.abc import Iterator
@@ -80,7 +81,7 @@ def run(cfg: Config) -> StageResult:
     dropped_lines: list[str] = []
     try:
         for split, path in (("train", layout.mix_train), ("val", layout.mix_val)):
-            with timer(f"encode_{split}"):
+            with timer(f"encode_{split}"), _rust_threads(t.num_proc == 1):
                 examples, dropped = _encode_split(path, encoder, t.max_length, t.num_proc, layout.tokenize_work, split)
             dropped_lines += dropped
             with timer("stats"):
@@ -116,6 +117,32 @@ def run(cfg: Config) -> StageResult:
         summary={split: {k: metrics[split][k] for k in ("rows", "examples", "tokens", "supervised_tokens")}
                  for split in SPLITS} | {"token_validation": validation, "phase_seconds": timer.seconds},
     )
+
+
+@contextlib.contextmanager
+def _rust_threads(enabled: bool) -> Iterator[None]:
+    """Let the Rust tokenizer use its threads while encoding in-process (`tokenize.num_proc: 1`).
+
+    `orca8k` sets `TOKENIZERS_PARALLELISM=false` by default (forked workers elsewhere would otherwise warn or
+    deadlock); no process is forked while one process encodes, so that default is lifted for the encoding only —
+    unless the user set the variable, which always wins. With `num_proc > 1`, datasets forks workers and parallelism
+    comes from them instead.
+    """
+    import orca8k
+
+    key = "TOKENIZERS_PARALLELISM"
+    if not enabled or key not in orca8k.ENV_DEFAULTS_APPLIED:
+        yield
+        return
+    previous = os.environ.get(key)
+    os.environ[key] = "true"
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = previous
 
 
 class _Timer:

@@ -1,7 +1,7 @@
 """Benchmark of the `mix` stage at the seed card's size and at 1/10 of it: rows/s and peak RSS for both.
 
-    python benchmarks/bench_mix.py                      # both scales (full ≈ 8 GB of synthetic input, ≈ 12 GB free disk)
-    python benchmarks/bench_mix.py --scales tenth       # only 1/10 (≈ 0.8 GB)
+    python benchmarks/bench_mix.py                      # both scales (full ≈ 7.2 GB of synthetic input, ≈ 16 GB free disk)
+    python benchmarks/bench_mix.py --scales tenth       # only 1/10 (≈ 0.7 GB)
     python benchmarks/bench_mix.py --workdir /big/tmp   # where the synthetic data goes (default: $TMPDIR)
 
 Synthetic sources at realistic lengths, generated streaming (never held in memory), in the hub layouts:

@@ -79,6 +79,8 @@ def test_json_array_jsonl_and_parquet_read_the_same_rows(tmp_path):
         got = list(iter_rows(tmp_path / name))
         assert [r.value for r in got] == rows, name
         assert [r.position for r in got] == ([1, 2, 3, 4, 5] if key == "line" else [0, 1, 2, 3, 4])
+    (tmp_path / "bom.jsonl").write_bytes(b"\xef\xbb\xbf" + (tmp_path / "a.jsonl").read_bytes())
+    assert [r.value for r in iter_rows(tmp_path / "bom.jsonl")] == rows
     # `wanted` skips the other rows
     assert [r.position for r in iter_rows(tmp_path / "a.jsonl", wanted=[2, 5])] == [2, 5]
     assert [r.value for r in iter_rows(tmp_path / "b.json", wanted=[0, 3])] == [rows[0], rows[3]]

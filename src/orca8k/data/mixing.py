@@ -208,13 +208,16 @@ def salt(seed: int, source: str, purpose: str) -> int:
     return int.from_bytes(h, "little")
 
 
-def keyed_hash(salt_value: int, digests: np.ndarray, chunk_index: np.ndarray | None = None) -> np.ndarray:
-    """Ranking keys `[n]` uint64 for documents (`digests` `[n, 2]`) or their chunks (`chunk_index` `[n]`)."""
+def keyed_hash(salt_value: int, digests: np.ndarray) -> np.ndarray:
+    """Ranking keys `[n]` uint64 of documents (`digests` `[n, 2]`)."""
     with np.errstate(over="ignore"):
-        x = _splitmix64(_splitmix64(digests[:, 0] ^ np.uint64(salt_value)) ^ digests[:, 1])
-        if chunk_index is not None:
-            x = _splitmix64(x + chunk_index.astype(np.uint64))
-    return x
+        return _splitmix64(_splitmix64(digests[:, 0] ^ np.uint64(salt_value)) ^ digests[:, 1])
+
+
+def chunk_keys(doc_keys: np.ndarray, chunk_index: np.ndarray) -> np.ndarray:
+    """Ranking keys `[rows]` of chunks from their document's key (`doc_keys[row_doc]`) and `chunk_index`."""
+    with np.errstate(over="ignore"):
+        return _splitmix64(doc_keys + chunk_index.astype(np.uint64))
 
 
 def lowest(keys: np.ndarray, k: int) -> np.ndarray:
@@ -314,11 +317,14 @@ def plan_source(index: SourceIndex, src: SourceConfig, seed: int, val_split: flo
 def _draw_rows(index: SourceIndex, counts: np.ndarray, docs_mask: np.ndarray, seed: int, purpose: str, k: int, max_chunk_size: int | None) -> SplitPlan:
     docs = np.flatnonzero(docs_mask)
     per_doc = counts[docs]
-    row_doc = np.repeat(docs, per_doc)
-    starts = np.repeat(np.cumsum(per_doc) - per_doc, per_doc)
-    row_chunk = np.arange(len(row_doc), dtype=np.int64) - starts
+    row_doc = np.repeat(docs, per_doc)  # [rows]
+    row_chunk = np.arange(len(row_doc), dtype=np.int64)
+    row_chunk -= np.repeat(np.cumsum(per_doc) - per_doc, per_doc)  # [rows] chunk index within its document
     s = salt(seed, index.name, purpose)
-    keep = lowest(keyed_hash(s, index.digests[row_doc], row_chunk), k) if k < len(row_doc) else np.ones(len(row_doc), dtype=bool)
+    if k < len(row_doc):
+        keep = lowest(chunk_keys(np.repeat(keyed_hash(s, index.digests[docs]), per_doc), row_chunk), k)
+    else:
+        keep = np.ones(len(row_doc), dtype=bool)
     row_doc, row_chunk = row_doc[keep], row_chunk[keep]
     doc_chars = index.chars[row_doc]
     if max_chunk_size is None:

@@ -149,6 +149,8 @@ def _iter_json_lines(path: Path, max_row_bytes: int | None, wanted: Sequence[int
                     continue
                 want_i += 1
             stripped = line.strip()
+            if lineno == 1 and stripped.startswith(b"\xef\xbb\xbf"):
+                stripped = stripped[3:].strip()  # a UTF-8 byte-order mark is not part of the row
             if not stripped:
                 continue  # a blank line is not a row
             nbytes = len(stripped)

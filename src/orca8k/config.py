@@ -108,8 +108,9 @@ class DemoDataConfig(StrictModel):
 
     orca_chat_conversations: int = Field(ge=1)
     fanfics_stories: int = Field(ge=1)
-    fanfics_story_chars: int = Field(ge=1000, description="Approximate length of one story.")
+    fanfics_story_chars: int = Field(ge=1000, description="Length of one story (it ends at the next paragraph end).")
     red_pajama_documents: int = Field(ge=1)
+    red_pajama_document_chars: int = Field(ge=200, description="Typical length of one web document.")
 
 
 # --------------------------------------------------------------------------------------------------- validate
@@ -159,9 +160,15 @@ class PretrainConfig(StrictModel):
     learning_rate: float = Field(gt=0)
     warmup_steps: int = Field(ge=0)
     weight_decay: float = Field(ge=0)
+    lr_scheduler_type: Literal["cosine", "linear", "constant_with_warmup"] = Field(
+        "cosine", description="Decay after warm-up (a short from-scratch run ends lower with a decay)."
+    )
     per_device_train_batch_size: int = Field(ge=1)
-    max_steps: int = Field(ge=1)
-    max_seconds: float | None = Field(None, gt=0, description="Wall-clock budget; training stops at whichever comes first.")
+    max_steps: int = Field(ge=1, description="The budget: reruns with the same thread count give the same weights.")
+    max_seconds: float | None = Field(
+        None, gt=0, description="Safety cap on wall-clock; training stops early (and says so) if it is reached."
+    )
+    logging_steps: int = Field(25, ge=1, description="Loss is logged (and kept in base_info.json) every N steps.")
 
 
 class BaseConfig(StrictModel):
@@ -175,6 +182,11 @@ class BaseConfig(StrictModel):
     def _demo_or_hub(self) -> BaseConfig:
         if self.model_name_or_path is None and (self.tokenizer is None or self.pretrain is None):
             raise ValueError("a demo base (model_name_or_path: null) needs base.tokenizer and base.pretrain")
+        if self.tokenizer is not None and self.tokenizer.vocab_size != self.architecture.vocab_size:
+            raise ValueError(
+                f"base.tokenizer.vocab_size={self.tokenizer.vocab_size} must equal "
+                f"base.architecture.vocab_size={self.architecture.vocab_size} (the demo base's embedding rows)"
+            )
         return self
 
     @property

@@ -11,6 +11,10 @@ from pathlib import Path
 
 from orca8k.config import Config
 
+# `orca8k demo-data`: the file written into a source's folder, by source format (the real datasets' file names
+# where they have one).
+DEMO_FILE_NAMES = {"orca_chat": "orca-chat-gpt4.jsonl", "fanfics": "train.jsonl", "red_pajama": "sample.jsonl"}
+
 
 @dataclass(frozen=True)
 class Layout:
@@ -66,6 +70,12 @@ class Layout:
     @property
     def data_docs(self) -> Path:
         return self.validation / "data_docs"
+
+    # base
+    @property
+    def base_info(self) -> Path:
+        """What `orca8k base` built or resolved (demo: beside the weights; hub/local base: the pointer itself)."""
+        return self.base / "base_info.json"
 
     # tokenize
     @property

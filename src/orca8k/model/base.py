@@ -49,9 +49,10 @@ def read_base_info(layout: Layout) -> dict[str, Any]:
 def resolve_base(cfg: Config) -> Path:
     """A local folder with the base's `config.json`, safetensors weights and base tokenizer (no OA tokens).
 
-    Demo: `paths.base` itself (it must hold `config.json`). Hub / local base: the folder recorded by `orca8k base` in `base_info.json`, checked to
-    match `base.model_name_or_path` / `base.revision` (a hub snapshot moved to another `HF_HOME` is found again in
-    the local cache by its commit sha, without network).
+    Demo: `paths.base` itself (holding at least `config.json` or `tokenizer.model`; the loaders check the rest).
+    Hub / local base: the folder recorded by `orca8k base` in `base_info.json`, checked to match
+    `base.model_name_or_path` / `base.revision` (a hub snapshot moved to another `HF_HOME` is found again in the
+    local cache by its commit sha, without network).
 
     Args:
         cfg: the config (reads `paths.base`, `base.model_name_or_path`, `base.revision`).
@@ -70,19 +71,18 @@ def resolve_base(cfg: Config) -> Path:
         if kind != "demo":
             raise StageInputMissing(f"{layout.base_info}: records a {kind} base, params ask for the demo base "
                                     "(rerun `orca8k base`)")
-        path = layout.base
-        if not (path / "config.json").is_file():
-            raise StageInputMissing(f"{path}: no base here (run `orca8k base` first)")
-    else:
-        info = read_base_info(layout)
-        if info.get("model_name_or_path") != name or info.get("requested_revision") != cfg.base.revision:
-            raise StageInputMissing(
-                f"{layout.base_info}: records {info.get('model_name_or_path')}@{info.get('requested_revision')}, "
-                f"params ask for {name}@{cfg.base.revision} (rerun `orca8k base`)"
-            )
-        path = Path(info["path"])
-        if info["kind"] == "hub" and not (path / "config.json").is_file():
-            path = _cached_snapshot(info["repo_id"], info["revision"])
+        if not any((layout.base / f).is_file() for f in ("config.json", "tokenizer.model")):
+            raise StageInputMissing(f"{layout.base}: no base here (run `orca8k base` first)")
+        return layout.base
+    info = read_base_info(layout)
+    if info.get("model_name_or_path") != name or info.get("requested_revision") != cfg.base.revision:
+        raise StageInputMissing(
+            f"{layout.base_info}: records {info.get('model_name_or_path')}@{info.get('requested_revision')}, "
+            f"params ask for {name}@{cfg.base.revision} (rerun `orca8k base`)"
+        )
+    path = Path(info["path"])
+    if info["kind"] == "hub" and not (path / "config.json").is_file():
+        path = _cached_snapshot(info["repo_id"], info["revision"])
     if not (path / "config.json").is_file():
         raise StageInputMissing(f"{path}: no config.json (rerun `orca8k base`)")
     return path

@@ -97,7 +97,7 @@ def test_stage_writes_oa_reports_html_and_summary(run_dir):
     # greedy on the trained model starts with its trained answers (min_new_tokens=4 runs short ones on); the
     # summary counts every output
     greedy = [p.results[0].outputs[0] for p in reports["greedy"].prompts]
-    assert all(g.startswith(a) for g, (_, a) in zip(greedy, QA[:4]))
+    assert all(g.startswith(a) for g, (_, a) in zip(greedy[:4], QA[:4], strict=True))
     summary = json.loads(layout.sampling_summary.read_text())
     assert summary["outputs"] == 5 * (2 + 2 + 1) and summary["files"] == sorted(f.name for f in files.values())
     assert summary["configs"]["greedy"]["outputs"] == 5 and summary["prompts"] == 5

@@ -112,7 +112,7 @@ def generate_cli(cfg: Config, args: argparse.Namespace) -> None:
         cfg, model, tokenizer, list(args.prompts), system=args.system, config_name=args.sampling_config,
         max_new_tokens=args.max_new_tokens,
     )
-    for prompt, out in zip(args.prompts, outputs):
+    for prompt, out in zip(args.prompts, outputs, strict=True):
         print(f"### {name} [{args.sampling_config}] prompt: {prompt}")
         print(out.text)
         if not out.ended:

@@ -18,7 +18,6 @@ from orca8k.model.rope import scaling_of
 from orca8k.model.tokenizer import PREFIX_BEGIN, PREFIX_END
 
 if TYPE_CHECKING:
-    import torch
     from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
 
     from orca8k.data.chat_format import ChatEncoder

@@ -160,7 +160,7 @@ def sample_reports(
                     prompt=p,
                     results=[SamplingResult(sampling_config=name, sampling_params=params, outputs=[g.text for g in gens])],
                 )
-                for p, gens in zip(prompts, per_prompt)
+                for p, gens in zip(prompts, per_prompt, strict=True)
             ],
         )
     return out

@@ -1,0 +1,186 @@
+"""Benchmark of sampling-report generation: batched (left-padded) vs one prompt at a time, same outputs.
+
+    python benchmarks/bench_sampling.py                         # the demo model at paths.model, the demo prompts
+    python benchmarks/bench_sampling.py --model DIR --repeats 5  # another model dir; best of 5 runs per mode
+    python benchmarks/bench_sampling.py --batch-size 16         # rows per generate call (default: sampling.batch_size)
+
+Workload: `sampling.prompts_file` × the greedy configuration of `sampling.config_file` at `sampling.max_new_tokens`
+(the demo stage's settings), generated with `batch_size` rows per call and with 1; greedy token ids must be equal
+(batched == unbatched), and the speed-up is unbatched seconds / batched seconds. Then the whole report (every
+configuration, 2 samples for sampled ones) both ways, for time only (sampled draws depend on the batch).
+
+When `paths.model` holds no model yet (before the pipeline has run), a stand-in is built and saved in a temp dir:
+the demo architecture from params.yaml (hidden 256, 4 layers, RoPE linear ×2) with random weights and a
+sentencepiece tokenizer of the demo's vocabulary size trained on ../shared/realdata (or the tests' corpus). A
+random model never emits `</s>`, so every output runs to max_new_tokens — the JSON says which model was used.
+
+Target (issue 8): ≥ 3× on 2 cores. The machine may be shared: the load average before each measurement is
+printed; ratios are taken within one run. On a loaded machine pass `--threads 1`: at this model size two OpenMP
+threads mostly spin-wait for each other (measured: ≈ 9× the CPU time of one thread per generate call at load 11
+on 2 cores), which hides the batching effect. Never run in CI. The last stdout line is one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "src"))
+
+
+def realdata_lines(limit_chars: int = 3_000_000) -> list[str] | None:
+    """Text lines from ../shared/realdata (orca-chat and red_pajama), or None when absent."""
+    root = Path(os.environ.get("ORCA8K_REALDATA", REPO.parent / "shared" / "realdata"))
+    if not root.is_dir():
+        return None
+    lines: list[str] = []
+    total = 0
+    for path in (root / "orca-chat" / "orca-chat-gpt4.jsonl", root / "red_pajama" / "sample.jsonl"):
+        for raw in path.read_text(encoding="utf-8").splitlines():
+            row = json.loads(raw)
+            texts = [row["text"]] if "text" in row else [row["instruction"]] + [
+                t[k] for t in row["conversation"] for k in ("input", "output")
+            ]
+            for t in texts:
+                for line in t.splitlines():
+                    if line.strip() and total < limit_chars:
+                        lines.append(line)
+                        total += len(line)
+    return lines
+
+
+def build_stand_in(cfg, out_dir: Path) -> Path:
+    """Save a random-weight model of the demo architecture (+ OA tokenizer) into `out_dir`; returns it."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from orca8k.model.loading import save_model
+    from orca8k.model.rope import rope_parameters
+    from orca8k.model.tokenizer import load_base_tokenizer, prepare_tokenizer, train_sentencepiece
+
+    arch = cfg.base.architecture
+    lines = realdata_lines()
+    vocab = arch.vocab_size
+    if lines is None:
+        sys.path.insert(0, str(REPO))
+        from tests.fixtures.tokenizer import corpus_lines
+
+        lines, vocab = corpus_lines(), 600
+    train_sentencepiece(lines, out_dir / "base_tok", vocab_size=vocab, input_sentence_size=200_000, seed=0)
+    tok = prepare_tokenizer(load_base_tokenizer(out_dir / "base_tok"))
+    rows = -(-len(tok) // cfg.model.pad_vocab_size_multiple) * cfg.model.pad_vocab_size_multiple
+    config = LlamaConfig(
+        vocab_size=rows, hidden_size=arch.hidden_size, intermediate_size=arch.intermediate_size,
+        num_hidden_layers=arch.num_hidden_layers, num_attention_heads=arch.num_attention_heads,
+        num_key_value_heads=arch.num_key_value_heads, max_position_embeddings=arch.max_position_embeddings,
+        rms_norm_eps=arch.rms_norm_eps, tie_word_embeddings=arch.tie_word_embeddings,
+        rope_parameters=rope_parameters(cfg.model.rope_scaling, arch.rope_theta),
+        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+    )
+    torch.manual_seed(0)
+    return save_model(LlamaForCausalLM(config), tok, out_dir / "model")
+
+
+def timed(fn, repeats: int):
+    """(best wall seconds over `repeats` runs, the last result, load averages seen before each run)."""
+    best, result, loads = float("inf"), None, []
+    for _ in range(repeats):
+        loads.append(round(os.getloadavg()[0], 2))
+        start = time.perf_counter()
+        result = fn()
+        best = min(best, time.perf_counter() - start)
+    return best, result, loads
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--params", default=str(REPO / "params.yaml"))
+    parser.add_argument("--model", default=None, help="model dir (default: paths.model, or a stand-in)")
+    parser.add_argument("--batch-size", type=int, default=None, help="default: sampling.batch_size")
+    parser.add_argument("--max-new-tokens", type=int, default=None, help="default: sampling.max_new_tokens")
+    parser.add_argument("--repeats", type=int, default=3, help="runs per mode; the best is kept")
+    parser.add_argument("--skip-report", action="store_true", help="only the greedy comparison")
+    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    args = parser.parse_args()
+
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    from orca8k.config import load_config
+    from orca8k.data.chat_format import ChatEncoder
+    from orca8k.layout import Layout
+    from orca8k.sampling.generation import build_prompt_ids, generate_batched, resolve_generation_config
+    from orca8k.sampling.loading import load_local_model
+    from orca8k.sampling.report import sample_reports
+    from orca8k.sampling.schema import load_configuration, load_prompts
+
+    os.chdir(REPO)
+    cfg = load_config(args.params)
+    s = cfg.sampling
+    batch_size = args.batch_size or s.batch_size
+    max_new_tokens = args.max_new_tokens or s.max_new_tokens
+    tmp = tempfile.TemporaryDirectory(prefix="bench_sampling_")
+    model_dir = Path(args.model) if args.model else Layout.from_config(cfg).model
+    kind = "given" if args.model else "demo"
+    if not (model_dir / "config.json").is_file():
+        print(f"[bench_sampling] no model at {model_dir}: building a random-weight stand-in of the demo architecture")
+        model_dir, kind = build_stand_in(cfg, Path(tmp.name)), "stand-in (random weights, demo architecture)"
+    model, tok = load_local_model(model_dir, dtype="fp32", device="cpu")
+    params = sum(p.numel() for p in model.parameters())
+    configuration = load_configuration(s.config_file)
+    prompts = load_prompts(s.prompts_file)
+    greedy = next(c for c in configuration.merged() if c.is_greedy)
+    enc = ChatEncoder(tok)
+    gen_args = {**greedy.generate_args, **({"max_new_tokens": max_new_tokens} if max_new_tokens else {})}
+    gen_config = resolve_generation_config(model, gen_args, eos_token_id=enc.eos_id, pad_token_id=tok.pad_token_id)
+    ids = [build_prompt_ids(enc, p, mode=s.mode, pre_text=greedy.pre_text) for p in prompts]
+    print(f"[bench_sampling] model {model_dir} ({kind}, {params / 1e6:.2f} M params), {len(prompts)} prompts, "
+          f"max_new_tokens {gen_config.max_new_tokens}, batch {batch_size}, torch threads {torch.get_num_threads()}")
+
+    def run(bs: int):
+        return generate_batched(model, tok, ids, gen_config, batch_size=bs, skip_special_tokens=s.skip_special_tokens)
+
+    run(batch_size)  # warm-up (allocator, kernels)
+    t_batched, batched, load_b = timed(lambda: run(batch_size), args.repeats)
+    t_single, single, load_s = timed(lambda: run(1), args.repeats)
+    same = [a.token_ids == b.token_ids for a, b in zip(batched, single, strict=True)]
+    new_tokens = sum(g.new_tokens for g in single)
+    greedy_fig = {
+        "batched_seconds": round(t_batched, 3), "unbatched_seconds": round(t_single, 3),
+        "speedup": round(t_single / t_batched, 2), "same_outputs": all(same), "same_outputs_fraction": sum(same) / len(same),
+        "new_tokens": new_tokens, "batched_tokens_per_second": round(new_tokens / t_batched, 1),
+        "proper_end_rate": sum(g.ended for g in single) / len(single),
+        "load_avg_batched": load_b, "load_avg_unbatched": load_s,
+    }
+    print(f"[bench_sampling] greedy: batched {t_batched:.2f} s, one at a time {t_single:.2f} s, "
+          f"speed-up {t_single / t_batched:.2f}x, same outputs {sum(same)}/{len(same)}")
+    figures = {
+        "bench": "sampling", "model": kind, "model_dir": str(model_dir), "params_millions": round(params / 1e6, 2),
+        "prompts": len(prompts), "max_new_tokens": gen_config.max_new_tokens, "batch_size": batch_size,
+        "threads": torch.get_num_threads(), "cpus": os.cpu_count(), "repeats": args.repeats, "greedy": greedy_fig,
+    }
+    if not args.skip_report:
+        kw = {"model_name": "bench", "mode": s.mode, "num_samples": s.num_samples, "max_new_tokens": max_new_tokens,
+              "skip_special_tokens": s.skip_special_tokens, "seed": cfg.seed, "date": "2026-01-01T00:00:00+00:00"}
+        t_rb, _, load_rb = timed(lambda: sample_reports(model, tok, configuration, prompts, batch_size=batch_size, **kw), 1)
+        t_r1, _, load_r1 = timed(lambda: sample_reports(model, tok, configuration, prompts, batch_size=1, **kw), 1)
+        figures["report"] = {"batched_seconds": round(t_rb, 3), "unbatched_seconds": round(t_r1, 3),
+                             "speedup": round(t_r1 / t_rb, 2), "load_avg": load_rb + load_r1}
+        print(f"[bench_sampling] whole report: batched {t_rb:.2f} s, one at a time {t_r1:.2f} s, "
+              f"speed-up {t_r1 / t_rb:.2f}x")
+    figures["target_speedup"] = 3.0
+    figures["meets_target"] = greedy_fig["speedup"] >= 3.0 and greedy_fig["same_outputs"]
+    tmp.cleanup()
+    print(json.dumps(figures))
+
+
+if __name__ == "__main__":
+    main()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
@@ -103,3 +104,32 @@ def test_report_json_has_no_nulls_and_round_trips():
     assert data["args"] == {"nested": {"b": [1]}} and data["prompts"][0]["results"][0]["sampling_params"] == {"x": 1}
     assert SamplingReport.model_validate(data).prompts[0].results[0].outputs == ["o"]
     assert drop_nulls([None, {"a": None}]) == [{}]
+
+
+def _shape(text: str) -> str:
+    """A task prompt's template: numbers → #, demo words → w, runs of either collapsed."""
+    from orca8k.data.demo_text import MOTTO_WORDS
+
+    text = re.sub(r"\d+", "#", text)
+    text = re.sub(r"\b(" + "|".join(MOTTO_WORDS) + r")\b", "w", text)
+    return re.sub(r"# ?([-+*]) ?#", r"#\1#", re.sub(r"w( w)+", "w+", re.sub(r"#(, #)+", "#+", text)))
+
+
+def test_demo_prompts_are_the_demo_datas_tasks():
+    """Every demo task prompt has the template of a user turn the demo data trains on (so the demo report shows
+    whether the model learned its tasks), and the shipped system prompt is one of the demo's Orca prompts."""
+    import random
+
+    from orca8k.data.demo_chat import SYSTEM_PROMPTS, make_conversation
+
+    seen = set()
+    for i in range(400):
+        for turn in make_conversation(random.Random(i))["conversation"]:
+            seen.add(_shape(turn["input"]))
+    prompts = load_prompts(REPO / "configs/sampling/prompts_demo.jsonl")
+    tasks = [p for p in prompts if not p.startswith("Continue the story:")]
+    assert len(tasks) == len(prompts) - 1 == 8
+    assert [p for p in tasks if _shape(p) not in seen] == []
+    assert len({_shape(p) for p in tasks}) == 8  # eight different tasks
+    conf = load_configuration(REPO / "configs/sampling/oa_default.json")
+    assert conf.default.pre_text in {text for text, _ in SYSTEM_PROMPTS}

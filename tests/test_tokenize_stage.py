@@ -246,6 +246,7 @@ def test_a_share_out_of_bounds_stops_the_stage_after_writing_results(tmp_path, b
     (check,) = [c for c in data["checks"] if not c["success"]]
     assert {e["id"] for e in check["examples"]} == {"orca-chat.train", "orca-chat.val"}  # chat share < 0.9
     assert json.loads(layout.tokenize_metrics.read_text())["train"]["sources"]["orca-chat"]["supervised_share"] < 0.9
+    assert not layout.tokenized_train.exists() and not layout.tokenized_val.exists()  # nothing to train on
 
 
 def test_the_token_suite_catches_broken_masks_positions_and_lost_tokens(tokenizer):

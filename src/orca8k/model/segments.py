@@ -21,7 +21,8 @@ from orca8k.model.tokenizer import METASPACE, normalised_spec
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
-PIECE_CHARS = 2048  # long texts are encoded in pieces of about this many chars, cut after a newline
+PIECE_CHARS = 1024  # long texts are encoded in pieces of about this many chars, cut after a newline
+# (measured on realdata, 4k vocab, CPU time: whole 65k-char chunks 1.17 M tok/s; pieces of 1,024 chars 1.56 M)
 
 
 def _set_dummy_prefix(node: Any, dummy_prefix: bool) -> Any:

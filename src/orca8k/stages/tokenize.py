@@ -59,8 +59,8 @@ def run(cfg: Config) -> StageResult:
 
     Raises:
         StageInputMissing: the mix, the validation result or the base tokenizer is missing.
-        ValidationFailed: the mix's validation result is not a success, or the token-level suite fails (its result
-            and the metrics are still written).
+        ValidationFailed: the mix's validation result is not a success, or the token-level suite fails (its result,
+            Data Docs and the metrics are still written; the train/val datasets are removed).
         DataError: a mix row breaks the input contract; the message names the file, the row id and the field.
     """
     layout = Layout.from_config(cfg)
@@ -108,14 +108,22 @@ def run(cfg: Config) -> StageResult:
     metrics = _metrics(cfg, stats, counts, dropped_lines, vocab)
     layout.tokenize_metrics.write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
     with timer("validate"):
-        validation = _validate(cfg, layout, stats, counts, metrics)
+        try:
+            validation = _validate(cfg, layout, stats, counts, metrics)
+        except ValidationFailed:
+            # nothing downstream may train on tokens that failed their contract; the result, the Data Docs, the
+            # metrics and the dropped examples stay to explain why
+            for out in (layout.tokenized_train, layout.tokenized_val):
+                shutil.rmtree(out, ignore_errors=True)
+            raise
     return StageResult(
         stage="tokenize",
         outputs={"tokenizer": layout.tokenizer, "train": layout.tokenized_train, "val": layout.tokenized_val,
                  "dropped": layout.tokenize_dropped, "validation": layout.token_validation,
                  "metrics": layout.tokenize_metrics},
         summary={split: {k: metrics[split][k] for k in ("rows", "examples", "tokens", "supervised_tokens")}
-                 for split in SPLITS} | {"token_validation": validation, "phase_seconds": timer.seconds},
+                 for split in SPLITS} | {"token_validation": validation, "phase_seconds": timer.seconds,
+                                      "phase_cpu_seconds": timer.cpu_seconds},
     )
 
 
@@ -146,18 +154,20 @@ def _rust_threads(enabled: bool) -> Iterator[None]:
 
 
 class _Timer:
-    """Wall-clock seconds per named phase (summed over repeats)."""
+    """Wall-clock and CPU seconds (this process, all its threads) per named phase, summed over repeats."""
 
     def __init__(self) -> None:
         self.seconds: dict[str, float] = {}
+        self.cpu_seconds: dict[str, float] = {}
 
     @contextlib.contextmanager
     def __call__(self, name: str) -> Iterator[None]:
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         try:
             yield
         finally:
             self.seconds[name] = round(self.seconds.get(name, 0.0) + time.perf_counter() - start, 3)
+            self.cpu_seconds[name] = round(self.cpu_seconds.get(name, 0.0) + time.process_time() - cpu, 3)
 
 
 # --------------------------------------------------------------------------------------------------- inputs

@@ -68,7 +68,7 @@ def run(cfg: Config) -> StageResult:
     timer = _Timer()
     _check_inputs(layout)
     with timer("tokenizer"):
-        tokenizer = prepare_tokenizer(load_base_tokenizer(_base_dir(cfg, layout)))
+        tokenizer = prepare_tokenizer(load_base_tokenizer(_base_dir(cfg)))
         if layout.tokenized.exists():
             shutil.rmtree(layout.tokenized)
         layout.tokenized.mkdir(parents=True)
@@ -182,12 +182,11 @@ def _check_inputs(layout: Layout) -> None:
         raise ValidationFailed(f"{layout.validation_result}: the mix failed validation; fix the data before tokenize")
 
 
-def _base_dir(cfg: Config, layout: Layout) -> Path:
-    """The base tokenizer's folder: `orca8k.model.base.resolve_base` once it exists, else `layout.base`."""
-    try:
-        from orca8k.model.base import resolve_base
-    except ImportError:  # the base stage's API has not landed yet
-        return layout.base
+def _base_dir(cfg: Config) -> Path:
+    """The base tokenizer's folder (`orca8k.model.base.resolve_base`: `paths.base` for the demo, the recorded
+    snapshot for a hub base)."""
+    from orca8k.model.base import resolve_base
+
     return Path(resolve_base(cfg))
 
 

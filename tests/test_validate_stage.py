@@ -149,6 +149,21 @@ def test_data_docs_render_in_headless_chromium(bad_run, tmp_path):
     assert data_docs_statuses(proc.stdout) == expected
 
 
+def test_the_mix_stage_output_of_real_data_passes(realdata, tmp_path):
+    """The real mix stage on ../shared/realdata (the three real schemas) gives a mix that passes every check."""
+    from orca8k.config import load_config
+    from orca8k.stages.mix import run as mix
+    from orca8k.stages.validate import run as validate
+
+    cfg = load_config(REPO / "params.yaml", {"paths.root": str(tmp_path), "paths.data": str(realdata)})
+    mix(cfg)
+    result = validate(cfg)
+    data = json.loads(result.outputs["validation_result"].read_text())
+    assert data["success"] is True, data["failures"]
+    assert data["rows"]["orca-chat"] == {"train": 180, "val": 45}
+    assert all(data["rows"][s]["train"] > 0 and data["rows"][s]["val"] > 0 for s in cfg.data.sources)
+
+
 def test_missing_mix_names_the_file(tmp_path):
     from orca8k.errors import StageInputMissing
     from orca8k.stages.validate import run

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -65,9 +66,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         cfg = load_config(args.params, args.overrides)
         if args.command in STAGES:
             result = run_stage(args.command, cfg)
-            print(result.describe(), flush=True)
-            if args.json:
-                print(json.dumps(result.to_dict()))
+            if os.environ.get("RANK", "0") == "0":  # under torchrun/deepspeed only rank 0 reports
+                print(result.describe(), flush=True)
+                if args.json:
+                    print(json.dumps(result.to_dict()))
         elif args.command == "plan":
             from orca8k.plan import format_plan, make_plan
 

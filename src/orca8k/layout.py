@@ -130,6 +130,11 @@ class Layout:
         return self.checkpoints / "mlflow_run.json"
 
     @property
+    def launch_params(self) -> Path:
+        """The resolved params a multi-process `orca8k train` hands to the ranks it launches (torchrun/deepspeed)."""
+        return self.checkpoints / "launch_params.yaml"
+
+    @property
     def train_metrics(self) -> Path:
         return self.metrics / "train.json"
 

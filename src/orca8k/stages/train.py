@@ -17,14 +17,14 @@ from __future__ import annotations
 
 import json
 import os
-import time
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from orca8k.layout import Layout
 from orca8k.stages import StageResult
 from orca8k.training import launch
-from orca8k.training.distributed import barrier, is_main
+from orca8k.training.distributed import barrier, is_main, launched
 
 if TYPE_CHECKING:
     from orca8k.config import Config
@@ -53,6 +53,11 @@ def run(cfg: Config) -> StageResult:
         metrics = json.loads(layout.train_metrics.read_text())
         return StageResult("train", outputs, {"launcher": cfg.train.launcher, "command": " ".join(cmd[:4]) + " ...",
                                               **{k: metrics.get(k) for k in SUMMARY_KEYS}})
+    if launched() and not is_main():
+        # ranks > 0 write no logs: their stdout (DeepSpeed's and HF's prints included) goes nowhere; errors still
+        # reach stderr
+        sys.stdout.flush()
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     metrics = train(cfg, layout)
     if not is_main():
         return StageResult("train", {}, {})
@@ -85,9 +90,8 @@ def train(cfg: Config, layout: Layout) -> dict[str, Any]:
         tokens_before = int(json.loads((resume / "trainer_state.json").read_text()).get("num_input_tokens_seen", 0))
     with tracking.train_run(cfg, layout, resume=resume is not None) as run:
         trainer.add_callback(tracking.MlflowCurvesCallback(run))
-        start = time.perf_counter()
         output = trainer.train(resume_from_checkpoint=str(resume) if resume is not None else None)
-        train_seconds = time.perf_counter() - start
+        train_seconds = float(output.metrics["train_runtime"])  # the training loop, evals included, setup not
         state = trainer.state
         final_eval = _last(state.log_history, "eval_loss", state.global_step) or trainer.evaluate()
         save_final_model(trainer, layout.model)

@@ -128,14 +128,14 @@ def _dir_identity(path: Path) -> list[Any]:
 
 
 def training_fingerprint(cfg: Config, layout: Layout, base_dir: Path) -> str:
-    """sha256 of what determines the trained weights: seed, model, tokenize.max_length/packing, train (minus
+    """sha256 of what determines the trained weights: seed, model, tokenize.max_length, train (minus
     `BOOKKEEPING_KEYS`), and the identity of the base, the tokenizer and the tokenized data."""
     data = cfg.to_dict()
     train = {k: v for k, v in data["train"].items() if k not in BOOKKEEPING_KEYS}
     blob = {
         "seed": data["seed"],
         "model": data["model"],
-        "tokenize": {k: data["tokenize"][k] for k in ("max_length", "packing")},
+        "tokenize": {"max_length": data["tokenize"]["max_length"]},
         "train": train,
         "base": _dir_identity(base_dir),
         "tokenizer": _dir_identity(layout.tokenizer),

@@ -61,15 +61,20 @@ def counts_from_metrics(path: Path) -> TokenCounts | None:
         return None
 
 
+def _numel(p) -> int:
+    return int(getattr(p, "ds_numel", None) or p.numel())  # ZeRO-3 partitions weights: ds_numel is the full size
+
+
 def parameter_counts(model: PreTrainedModel) -> dict[str, int]:
-    """`{"total", "non_embedding"}`: non-embedding excludes the input embedding only (the 6·N convention)."""
-    total = sum(p.numel() for p in model.parameters())
-    embedding = model.get_input_embeddings().weight.numel()
+    """`{"total", "non_embedding"}`: non-embedding excludes the input embedding only (the 6·N convention).
+    Full sizes also under ZeRO-3, where each rank holds only a partition."""
+    total = sum(_numel(p) for p in model.parameters())
+    embedding = _numel(model.get_input_embeddings().weight)
     return {"total": total, "non_embedding": total - embedding}
 
 
 def derived_facts(
-    cfg: Config, model: PreTrainedModel, counts: TokenCounts, *, max_steps: int, world_size: int,
+    cfg: Config, model: PreTrainedModel, counts: TokenCounts, *, packing: bool, max_steps: int, world_size: int,
     precision: str, zero_stage: int | None, attn_implementation: str, resumed_from: int | None,
 ) -> dict[str, Any]:
     """The run's facts as plain data (also written into the train metrics)."""
@@ -81,13 +86,13 @@ def derived_facts(
     return {
         "parameters": params["total"],
         "parameters_non_embedding": params["non_embedding"],
-        "vocab_size": model.get_input_embeddings().weight.shape[0],
+        "vocab_size": int(model.config.vocab_size),
         "native_context_tokens": model.config.max_position_embeddings,
         "rope_type": rope["rope_type"],
         "rope_factor": float(rope.get("factor", 1.0)),
         "effective_context_tokens": effective_context(model.config),
         "max_length_tokens": cfg.tokenize.max_length,
-        "packing": cfg.tokenize.packing,
+        "packing": packing,
         "world_size": world_size,
         "precision": precision,
         "zero_stage": zero_stage,

@@ -144,7 +144,8 @@ def build_trainer(cfg: Config, layout: Layout) -> TrainSetup:
 
     def describe(state) -> list[str]:
         setup.facts.update(derived_facts(
-            cfg, model, counts, max_steps=state.max_steps, world_size=args.world_size,
+            cfg, model, counts, packing="position_ids" in train_ds.column_names, max_steps=state.max_steps,
+            world_size=args.world_size,
             precision=trainer_precision(t), zero_stage=zero_stage(ds_config), attn_implementation=attn,
             resumed_from=setup.resumed_from,
         ))

@@ -112,9 +112,10 @@ def test_two_processes_under_torchrun_match_one_process_with_doubled_accumulatio
 
 
 def test_zero3_gathers_the_weights_into_safetensors(zero2_one_process, tmp_path, train_inputs, tracking_store, ds_configs):
+    """Also: a plain `orca8k train` with a DeepSpeed config and no launcher sets the distributed environment itself."""
     one, _ = zero2_one_process
     root = tmp_path / "zero3"
-    proc = _run(root, train_inputs, tracking_store, ds_configs["zero3"], accum=2, env=_single_process_env())
+    proc = _run(root, train_inputs, tracking_store, ds_configs["zero3"], accum=2)
     assert "ZeRO stage 3" in proc.stdout and "parameters               59,552" in proc.stdout
     model_dir = root / "artifacts" / "model"
     z3, z2 = load_file(str(model_dir / "model.safetensors")), load_file(str(one / "artifacts" / "model" / "model.safetensors"))

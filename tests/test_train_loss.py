@@ -36,10 +36,11 @@ class GradCapture(TrainerCallback):
             self.weights = {n: p.detach().clone() for n, p in model.state_dict().items()}
 
 
-def _first_step(root, inputs, batch, accum):
+def _first_step(root, inputs, batch, accum, **extra):
     sets = tiny_train_overrides(root, inputs, **{
         "train.per_device_train_batch_size": batch, "train.gradient_accumulation_steps": accum, "train.max_steps": 1,
         "train.max_grad_norm": 1e9,  # no clipping: compare raw gradients
+        **extra,
     })
     cfg = load_config(REPO / "params.yaml", sets)
     setup = build_trainer(cfg, Layout.from_config(cfg))
@@ -85,3 +86,11 @@ def test_accumulation_normalises_per_supervised_token(tmp_path, two_examples):
     name = "model.layers.0.mlp.up_proj.weight"
     gap = float((naive[name] - exact[name]).abs().max() / exact[name].abs().max())
     assert gap > 0.05, f"the mean of micro-batch means should differ visibly; relative gap {gap:.3g}"
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(tmp_path, two_examples):
+    plain, _ = _first_step(tmp_path / "plain", two_examples, batch=2, accum=1)
+    ckpt, setup = _first_step(tmp_path / "ckpt", two_examples, batch=2, accum=1, **{"train.gradient_checkpointing": True})
+    assert setup.trainer.model.is_activation_checkpointing
+    for name in plain.grads:
+        torch.testing.assert_close(ckpt.grads[name], plain.grads[name], rtol=1e-5, atol=1e-8, msg=name)

@@ -151,3 +151,34 @@ def test_missing_inputs_name_the_upstream_stage(tmp_path, train_inputs, tracking
     cfg = _cfg(tmp_path, train_inputs, tracking_store, **{"paths.tokenized": str(tmp_path / "none")})
     with pytest.raises(StageInputMissing, match="orca8k tokenize"):
         run_stage("train", cfg)
+
+
+def test_packed_rows_train_and_count_only_real_tokens(tmp_path, train_inputs, tracking_store, capsys):
+    from datasets import Dataset, load_from_disk
+
+    from orca8k.data.collate import CausalLMCollator
+    from orca8k.data.packing import pack_examples
+    from orca8k.training.trainer import real_token_count
+
+    examples = load_from_disk(str(train_inputs / "tokenized" / "train")).to_list()
+    packed = pack_examples(examples, 128)
+    assert len(packed) < len(examples)
+    tokenized = tmp_path / "tokenized"
+    shutil.copytree(train_inputs / "tokenized" / "val", tokenized / "val")
+    shutil.copytree(train_inputs / "tokenized" / "tokenizer", tokenized / "tokenizer")
+    Dataset.from_list(packed).save_to_disk(str(tokenized / "train"))
+    real = sum(len(e["input_ids"]) for e in examples)
+
+    # the count itself, on collated batches of both kinds (pad = eos = 2 also appears as a real token)
+    collate = CausalLMCollator(pad_token_id=2)
+    assert int(real_token_count(collate(packed[:3]), 2)) == sum(len(r["input_ids"]) for r in packed[:3])
+    assert int(real_token_count(collate(examples[:3]), 2)) == sum(len(e["input_ids"]) for e in examples[:3])
+
+    steps = -(-len(packed) // 2)
+    cfg = _cfg(tmp_path, train_inputs, tracking_store, **{
+        "paths.tokenized": str(tokenized), "train.gradient_accumulation_steps": 1, "train.max_steps": steps,
+        "train.eval_steps": steps, "train.save_steps": steps})
+    run_stage("train", cfg)
+    assert "(packing True)" in capsys.readouterr().out
+    m = json.loads(Layout.from_config(cfg).train_metrics.read_text())
+    assert m["global_step"] == steps and m["tokens"] == real

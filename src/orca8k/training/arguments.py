@@ -189,7 +189,7 @@ def training_arguments(cfg: Config, layout: Layout, ds_config: dict[str, Any] | 
         deepspeed=ds_config,
         dataloader_num_workers=t.dataloader_num_workers,
         average_tokens_across_devices=True,
-        include_num_input_tokens_seen="non_padding",
+        include_num_input_tokens_seen="no",  # counted by Orca8kTrainer (pad = eos: HF's count would drop </s>)
         use_cpu=not torch.cuda.is_available(),
         report_to="none",
         disable_tqdm=True,

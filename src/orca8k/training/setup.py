@@ -16,9 +16,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from orca8k.errors import StageInputMissing, TrainingError
+from orca8k.errors import TrainingError
 from orca8k.training import checkpoints as ckpt
-from orca8k.training.distributed import barrier, is_main
+from orca8k.training.distributed import barrier, is_main, launched
 
 if TYPE_CHECKING:
     from orca8k.config import Config
@@ -43,21 +43,6 @@ class TrainSetup:
         return ckpt.checkpoint_step(self.resume) if self.resume is not None else None
 
 
-def resolve_base_dir(cfg: Config, layout: Layout) -> Path:
-    """The base model folder: `orca8k.model.base.resolve_base(cfg)`, or `layout.base` until that API exists.
-
-    Raises:
-        StageInputMissing: no base model there.
-    """
-    try:
-        from orca8k.model.base import resolve_base
-    except ImportError:
-        if not (layout.base / "config.json").is_file():
-            raise StageInputMissing(f"{layout.base}: no base model (run `orca8k base` first)") from None
-        return layout.base
-    return Path(resolve_base(cfg))
-
-
 def attn_implementation(requested: str) -> tuple[str, str | None]:
     """flash_attention_2 only where it can run (CUDA and the flash_attn package); else sdpa, with a note."""
     import torch
@@ -74,6 +59,26 @@ def zero_stage(ds_config: dict[str, Any] | None) -> int | None:
     return int((ds_config.get("zero_optimization") or {}).get("stage", 0)) if ds_config is not None else None
 
 
+def single_process_distributed_env() -> dict[str, str]:
+    """Set `RANK=0 WORLD_SIZE=1 LOCAL_RANK=0 MASTER_ADDR MASTER_PORT` when no launcher did: DeepSpeed in a plain
+    `python` process otherwise falls back to MPI discovery and fails (`No module named 'mpi4py'`).
+
+    Returns:
+        The variables set (empty under a launcher).
+    """
+    if launched():
+        return {}
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = str(s.getsockname()[1])
+    env = {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port}
+    for key, value in env.items():
+        os.environ.setdefault(key, value)
+    return env
+
+
 def build_trainer(cfg: Config, layout: Layout) -> TrainSetup:
     """Load inputs, check the setup and build the trainer with its callbacks (see the module docstring).
 
@@ -87,6 +92,7 @@ def build_trainer(cfg: Config, layout: Layout) -> TrainSetup:
     from transformers.utils import logging as hf_logging
 
     from orca8k.data.collate import CausalLMCollator, causal_lm_loss
+    from orca8k.model.base import resolve_base
     from orca8k.model.loading import load_causal_lm, resize_embeddings
     from orca8k.model.tokenizer import load_tokenizer
     from orca8k.training.arguments import (
@@ -106,9 +112,11 @@ def build_trainer(cfg: Config, layout: Layout) -> TrainSetup:
     train_ds = load_tokenized(layout.tokenized_train, "train")
     eval_sets = eval_sets_by_source(load_tokenized(layout.tokenized_val, "val"))
     tokenizer = load_tokenizer(layout.tokenizer)
-    base_dir = resolve_base_dir(cfg, layout)
+    base_dir = resolve_base(cfg)
 
     ds_config = load_deepspeed_config(cfg)
+    if ds_config is not None:
+        single_process_distributed_env()
     args = training_arguments(cfg, layout, ds_config)
     fingerprint = ckpt.training_fingerprint(cfg, layout, base_dir)
     if is_main():

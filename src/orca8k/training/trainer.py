@@ -2,12 +2,16 @@
 
 1. The LR schedule comes from `orca8k.training.schedule` (explicit warm-up shape, the same rate with or without
    DeepSpeed). With a DeepSpeed `scheduler` block, DeepSpeed's own `WarmupLR` runs instead (same formula).
-2. A non-finite loss is recorded per micro-batch (`GuardCallback` stops the run naming the step).
+2. A non-finite loss is recorded per micro-batch (`GuardCallback` stops the run naming the step), and the real
+   (non-padding) tokens trained are counted into `state.num_input_tokens_seen` for packed rows too (HF's own
+   "non_padding" count compares ids with the pad id, which is also `</s>`, a real token here).
 3. `evaluate` computes each eval set's loss exactly per supervised token (sum of target log-losses / number of
    targets, gathered over ranks without the duplicates a distributed sampler adds) and logs
    `eval_<source>_loss`, `eval_<source>_supervised_tokens` and `eval_loss` (all sources, token-weighted). HF's own
    evaluation loop averages per-batch means weighted by rows, which is not a per-token loss when rows differ in
    length.
+4. The logged `learning_rate` is the rate the logged step applied, with or without DeepSpeed (HF logs the next
+   step's under DeepSpeed, whose engine steps the scheduler inside backward).
 
 The training loss itself is HF's: with `compute_loss_func` (the collator owner's `causal_lm_loss`) and
 `average_tokens_across_devices`, the Trainer divides the summed log-loss of every micro-batch by the supervised
@@ -24,6 +28,31 @@ from transformers import Trainer
 
 from orca8k.data.chat_format import IGNORE_INDEX
 from orca8k.training.schedule import make_lr_scheduler
+
+
+def real_token_count(inputs: dict[str, torch.Tensor], pad_token_id: int) -> torch.Tensor:
+    """Tokens of a collated batch that are not batch padding (`orca8k.data.collate.CausalLMCollator`'s output).
+
+    Examples carry an `attention_mask`: its sum. Packed rows carry none; their padding is a last pseudo-example that
+    starts with the pad id where every real example starts with `<s>`: a row's real tokens end at its last
+    `position_ids` restart when that restart holds the pad id (pad = eos is also a real token, so ids alone cannot
+    tell).
+
+    Args:
+        inputs: `input_ids`, `position_ids` and optionally `attention_mask`, each `[batch, seq_len]`.
+        pad_token_id: the collator's pad id.
+
+    Returns:
+        Scalar int64 tensor.
+    """
+    if "attention_mask" in inputs:
+        return inputs["attention_mask"].sum()
+    ids, pos = inputs["input_ids"], inputs["position_ids"]
+    seq_len = ids.shape[1]
+    idx = torch.arange(seq_len, device=ids.device).expand_as(ids)
+    last_restart = torch.where(pos == 0, idx, torch.zeros_like(idx)).max(dim=1).values  # [batch]
+    padded = (ids.gather(1, last_restart[:, None])[:, 0] == pad_token_id) & (last_restart > 0)
+    return torch.where(padded, last_restart, torch.full_like(last_restart, seq_len)).sum()
 
 
 def supervised_loss_sums(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -85,6 +114,8 @@ class Orca8kTrainer(Trainer):
         if self._step_starts:  # before any backward of this step: the LR the optimiser will apply
             self.step_learning_rate = float(self.optimizer.param_groups[0]["lr"])
         self._step_starts = self.accelerator.gradient_state.sync_gradients  # set by the loop before this call
+        tokens = real_token_count(inputs, self.processing_class.pad_token_id).to(self.args.device)
+        self.state.num_input_tokens_seen += int(self.accelerator.gather(tokens).sum())  # all ranks
         loss = super().training_step(model, inputs, num_items_in_batch)
         if not bool(torch.isfinite(loss).all()):
             self.nonfinite_loss = float(loss.float().mean())

@@ -2,9 +2,10 @@
 
 The synthetic test of the position-interpolation literature (Mohtashami & Jaggi 2023, "Landmark Attention",
 arXiv:2305.16300; used by Chen et al. 2023, arXiv:2306.15595, to test linear RoPE scaling), with its prompt: an
-instruction, `N` filler sentences (the paragraph "The grass is green. The sky is blue. The sun is yellow. Here we go.
-There and back again." cycled) with the key sentence inserted after `round(depth × N)` of them, then the question.
-`N` is the largest count for which the prompt, the key and one extra generated token fit in the context length. Two scores per trial, from the same model:
+instruction, `N` copies of the filler paragraph ("The grass is green. The sky is blue. The sun is yellow. Here we go.
+There and back again.") with the key sentence inserted after `⌊depth × N + ½⌋` of them, then the question (the
+demo's text data holds documents of the same format). `N` is the largest count for which the prompt, the key and
+one extra generated token fit in the context length. Two scores per trial, from the same model:
 
 - exact match: the first run of digits in the greedy continuation (`len(answer) + 1` new tokens) equals the key
   (read off one teacher-forced pass: see `evaluate_passkey`);
@@ -32,11 +33,10 @@ if TYPE_CHECKING:
     from orca8k.data.chat_format import ChatEncoder
 
 INTRO = (
-    "There is an important info hidden inside a lot of irrelevant text. Find it and memorize it. "
+    "There is an important info hidden inside a lot of irrelevant text. Find it and memorize them. "
     "I will quiz you about the important information there."
 )
-# the literature's filler paragraph, used sentence by sentence (cycled) so the key's depth has a fine grain
-FILLER_SENTENCES = ("The grass is green.", "The sky is blue.", "The sun is yellow.", "Here we go.", "There and back again.")
+FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
 KEY_SENTENCE = "The pass key is {key}. Remember it. {key} is the pass key."
 QUESTION = "What is the pass key? The pass key is"
 CHANCE_LOGPROB_PER_DIGIT = -math.log(10.0)
@@ -53,8 +53,8 @@ class PasskeyTrial:
         key: the digits.
         prompt_ids: `[BOS, …]` up to and including the question (`[prompt_len]`).
         answer_ids: the key's tokens as they follow the question (`" {key}"`).
-        filler_count: filler sentences `N`.
-        key_index: filler sentences before the key sentence (`round(depth × N)`).
+        filler_count: filler paragraphs `N`.
+        key_index: filler paragraphs before the key sentence (`⌊depth × N + ½⌋`).
         key_token_position: index in `prompt_ids` where the key sentence starts.
         filler_token_span: `(start, end)` token indices of the filler region (key sentence included).
         key_sentence_tokens: tokens of the key sentence.
@@ -80,15 +80,10 @@ class PasskeyTrial:
         return (self.key_token_position - start) / span if span > 0 else 0.0
 
 
-def filler(start: int, stop: int) -> list[str]:
-    """Filler sentences `start … stop - 1` of the endless cycle of `FILLER_SENTENCES`."""
-    return [FILLER_SENTENCES[i % len(FILLER_SENTENCES)] for i in range(start, stop)]
-
-
 def prompt_text(filler_count: int, key_index: int, key: str) -> tuple[str, str, str]:
     """The prompt as three strings: before the key sentence, the key sentence, after it (question included)."""
-    before = " ".join([INTRO, *filler(0, key_index)])
-    after = " ".join([*filler(key_index, filler_count), QUESTION])
+    before = " ".join([INTRO, *[FILLER] * key_index])
+    after = " ".join([*[FILLER] * (filler_count - key_index), QUESTION])
     return before + " ", KEY_SENTENCE.format(key=key), " " + after
 
 
@@ -104,7 +99,7 @@ def build_trial(encoder: ChatEncoder, context_length: int, depth: float, key: st
     Args:
         encoder: the fine-tuning tokenizer's `ChatEncoder` (plain-text ids, `add_bos`).
         context_length: tokens available for prompt + key + one extra generated token.
-        depth: in [0, 1]; the key sentence follows `round(depth × N)` of the `N` filler sentences.
+        depth: in [0, 1]; the key sentence follows `⌊depth × N + ½⌋` of the `N` filler paragraphs.
         key: the digits to hide.
         trial: recorded in the result.
 
@@ -112,14 +107,14 @@ def build_trial(encoder: ChatEncoder, context_length: int, depth: float, key: st
         The trial with `N` as large as fits.
 
     Raises:
-        ConfigError: `depth` is outside [0, 1], or not even zero filler sentences fit (names
+        ConfigError: `depth` is outside [0, 1], or not even zero filler paragraphs fit (names
             `evaluate.passkey`).
     """
     if not 0.0 <= depth <= 1.0:
         raise ConfigError(f"evaluate.passkey.depths: {depth} is outside [0, 1]")
 
     def encode(n: int) -> tuple[list[int], list[int], int, int, int]:
-        k = int(round(depth * n))
+        k = int(depth * n + 0.5)  # round half up
         before, key_sentence, after = prompt_text(n, k, key)
         text = before + key_sentence + after
         prompt = encoder.add_bos(encoder.segment_ids(text, first=True))

@@ -92,12 +92,14 @@ def run(cfg: Config) -> StageResult:
         fine_tuned, documents, blocks, lengths, ev.scored_tail_tokens, encoder, ev.per_device_eval_batch_size
     )
     del fine_tuned
+    _free(device)
     for name in ("base_unscaled", "base_scaled"):
         model = _load(cfg, name, base_dir, device, dtype)
         ppl[name] = ctx.perplexity_by_length(
             model, documents, blocks, lengths, ev.scored_tail_tokens, encoder, ev.per_device_eval_batch_size
         )
         del model
+        _free(device)
     seconds["ppl_vs_context"] = _lap(clock)
 
     table = [
@@ -161,6 +163,17 @@ def _device() -> str:
     import torch
 
     return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _free(device: str) -> None:
+    """Release a deleted model's memory before the next one loads (three 13B models do not fit at once)."""
+    import gc
+
+    gc.collect()
+    if device == "cuda":
+        import torch
+
+        torch.cuda.empty_cache()
 
 
 def _dtype(cfg: Config, device: str) -> str:

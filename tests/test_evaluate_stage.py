@@ -44,6 +44,8 @@ def test_stage_writes_the_contract_and_is_deterministic(eval_run):
     # is too short): block 0 of each, then block 1 of the first (fanfics-0001)
     assert metrics["context"]["windows_per_length"] == 4 and metrics["context"]["scored_tokens_per_length"] == 64
     assert metrics["context"]["documents_by_source"] == {"fanfics": 2, "red_pajama": 1}
+    assert metrics["forward_tokens"]["ppl_vs_context"] == 3 * 4 * (32 + 64 + 128 + 192 + 256)
+    assert metrics["seconds"]["total"] >= metrics["seconds"]["per_source"] + metrics["seconds"]["ppl_vs_context"]
     assert 0.0 <= metrics["passkey"]["accuracy"] <= 1.0 and metrics["passkey"]["trials"] == 6
     assert set(metrics["acceptance"]) == {"passed", "ppl_ratio_2x_over_1x_ok", "max_ppl_ratio_2x_over_1x", "ppl_2x_below_scaled_base"}
 

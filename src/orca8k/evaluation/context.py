@@ -177,7 +177,7 @@ def perplexity_by_length(
             input_ids = torch.tensor([p[0] for p in pairs], dtype=torch.long, device=device)  # [batch, length]
             targets = torch.tensor([p[1] for p in pairs], dtype=torch.long, device=device)  # [batch, tail]
             with torch.inference_mode():
-                logits = model(input_ids=input_ids, logits_to_keep=tail).logits  # [batch, tail, vocab]
+                logits = model(input_ids=input_ids, logits_to_keep=tail, use_cache=False).logits  # [batch, tail, vocab]
                 nll_sum, correct, tokens = score_logits(logits, targets)
             stats += TokenStats(float(nll_sum.sum()), int(correct.sum()), int(tokens.sum()))
         results[length] = stats

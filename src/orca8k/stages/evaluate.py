@@ -43,6 +43,7 @@ def run(cfg: Config) -> StageResult:
     from orca8k.evaluation import passkey as pk
     from orca8k.evaluation.per_source import evaluate_per_source, per_source_metrics
     from orca8k.evaluation.plots import plot_passkey, plot_ppl_vs_context
+    from orca8k.model.base import resolve_base
     from orca8k.model.tokenizer import load_tokenizer
 
     layout = Layout.from_config(cfg)
@@ -86,7 +87,7 @@ def run(cfg: Config) -> StageResult:
             f"{layout.mix_val}: no text row has {max(lengths)} tokens (the longest context); "
             f"{len(documents)} text rows, longest {max((len(d.ids) for d in documents), default=0)} tokens"
         )
-    base_dir = _base_dir(cfg, layout)
+    base_dir = resolve_base(cfg)
     _check_base_tokenizer(base_dir, encoder, documents)
     ppl: dict[str, dict[int, Any]] = {}
     ppl["fine_tuned"] = ctx.perplexity_by_length(
@@ -212,17 +213,6 @@ def _load(cfg: Config, name: str, path: Path, device: str, dtype: str) -> Any:
         device=device,
     )
     return model.eval()
-
-
-def _base_dir(cfg: Config, layout: Layout) -> Path:
-    """The base model's local dir: `orca8k.model.base.resolve_base(cfg)` (the `base` stage's API)."""
-    try:
-        from orca8k.model.base import resolve_base
-    except ImportError:  # the base stage has not landed yet: its output dir is the loadable base
-        if not (layout.base / "config.json").is_file():
-            raise StageInputMissing(f"{layout.base}: no base model (run `orca8k base`)") from None
-        return layout.base
-    return Path(resolve_base(cfg))
 
 
 def _check_base_tokenizer(base_dir: Path, encoder: Any, documents: list[Any]) -> None:

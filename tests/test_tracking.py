@@ -192,7 +192,8 @@ def test_curves_callback_logs_each_value_at_its_step(tmp_path, tracking_store, m
 
     cfg = tracked_config(tmp_path, tracking_store, "curves")
     clock = iter([100.0, 102.0, 104.0])
-    monkeypatch.setattr(tracking.time, "perf_counter", lambda: next(clock))
+    from orca8k.tracking import callback as callback_module
+    monkeypatch.setattr(callback_module.time, "perf_counter", lambda: next(clock))
     with tracking.train_run(cfg, Layout.from_config(cfg)) as run:
         seen = {"orca-chat": 0}
         cb = tracking.MlflowCurvesCallback(run, extra_metrics=lambda: {f"supervised_tokens_seen/{k}": v for k, v in seen.items()})

@@ -338,6 +338,7 @@ class TrackingConfig(StrictModel):
 
 class RegisterConfig(StrictModel):
     model_name: str = Field(description="Registered model name: load with models:/<name>@champion.")
+    base_license: str = Field("unknown", description="Licence of the base model, written into the model card.")
     gate: GateConfig
 
 

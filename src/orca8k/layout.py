@@ -196,5 +196,15 @@ class Layout:
     def register_reports(self) -> Path:
         return self.reports / "register"
 
+    @property
+    def register_side_by_side(self) -> Path:
+        """HTML: the candidate's sampling outputs beside the champion's, per prompt and configuration."""
+        return self.register_reports / "side_by_side.html"
+
+    @property
+    def register_model_card(self) -> Path:
+        """The model card registered with the version (a copy, for reading without MLflow)."""
+        return self.register_reports / "model_card.md"
+
     def __str__(self) -> str:  # pragma: no cover - debugging aid
         return "\n".join(f"{k}: {v}" for k, v in self.__dict__.items())

@@ -1,185 +1,29 @@
-"""MLflow tracking: the only module that imports mlflow (lazily, so importing it is cheap).
-
-One MLflow run belongs to one training output. `train` creates it inside `train_run(cfg, layout)` and writes its
-id to `layout.train_run` (and `layout.checkpoint_run`, beside the persisted checkpoints); a resumed `train`
-re-attaches to the same run by that id, and every later stage re-attaches with `attach_run(cfg, layout)` — across
-processes, ranks (only rank 0 talks to MLflow; other ranks get a `NullRun` that does nothing) and resumes.
-Never one run per rank, never a new run on resume.
-
-    with tracking.train_run(cfg, layout) as run:             # train
-        trainer.add_callback(tracking.MlflowCurvesCallback(run))
-        ...
-    with tracking.attach_run(cfg, layout, stage="evaluate") as run:
-        run.log_metrics({"eval/orca-chat/eval_loss": 1.9}, step=3319)
-
-Where: `MLFLOW_TRACKING_URI` wins; otherwise `tracking.tracking_uri` from params, where a relative
-`sqlite:///mlflow.db` (or a relative file store) resolves against the repository root (the nearest ancestor of the
-working directory holding `dvc.yaml` or `.git`), and a new experiment stores artifacts under
-`tracking.artifact_location` (repo-relative). Everything logged goes through `orca8k.redaction` first.
-
-The registry side (`log_model_from_dir`, versions, aliases) lives in `orca8k.tracking_registry`'s functions
-below this module's run handling; `orca8k.registry` holds the logic (lineage, gate, card) and never imports mlflow.
-"""
+"""Runs: one MLflow run per training output, created by `train`, re-attached by every later stage."""
 
 from __future__ import annotations
 
 import contextlib
 import json
 import logging
-import os
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any
 
 from orca8k.errors import RegistryError, StageInputMissing
 from orca8k.redaction import flatten, redact_params, redact_text, redact_tree, redact_uri
+from orca8k.tracking.store import client, process_rank, resolve_artifact_location, resolve_tracking_uri, with_retries
 
 if TYPE_CHECKING:
     from orca8k.config import Config
     from orca8k.layout import Layout
 
 log = logging.getLogger(__name__)
-T = TypeVar("T")
-
 PARAMS_HASH_TAG = "orca8k.params_hash"
 STAGE_TAG = "orca8k.stage.{stage}"
 RESOLVED_PARAMS_ARTIFACT = "params/resolved_params.json"
 MAX_PARAM_VALUE_CHARS = 6000  # MLflow's limit on a param value
-RETRIES = int(os.environ.get("ORCA8K_MLFLOW_RETRIES", "3"))  # attempts on a tracking server that does not answer
-RETRY_BACKOFF_SECONDS = float(os.environ.get("ORCA8K_MLFLOW_RETRY_BACKOFF_SECONDS", "1.0"))  # doubles each attempt
-
-
-# --------------------------------------------------------------------------------------------------- where
-def repo_root(start: str | Path | None = None) -> Path:
-    """The nearest ancestor of `start` (default: the working directory) holding `dvc.yaml` or `.git`.
-
-    Falls back to `start` itself when no ancestor has either (a bare folder: the store goes there).
-    """
-    here = Path(start or Path.cwd()).resolve()
-    for folder in (here, *here.parents):
-        if (folder / "dvc.yaml").exists() or (folder / ".git").exists():
-            return folder
-    return here
-
-
-def _resolve_local(uri: str, root: Path) -> str:
-    if uri.startswith("sqlite:///"):
-        path = uri[len("sqlite:///"):]
-        if path in ("", ":memory:") or path.startswith("/"):
-            return uri
-        return f"sqlite:///{(root / path).resolve()}"
-    if uri.startswith("file:"):
-        path = uri[len("file:"):]
-        if path.startswith("//"):
-            return uri
-        return (root / path).resolve().as_uri() if not path.startswith("/") else Path(path).as_uri()
-    if "://" not in uri and not uri.startswith(("databricks", "uc:")):
-        return (Path(uri) if Path(uri).is_absolute() else root / uri).resolve().as_uri()
-    return uri
-
-
-def resolve_tracking_uri(cfg: Config) -> str:
-    """The tracking URI for this process: `MLFLOW_TRACKING_URI` if set, else `tracking.tracking_uri`.
-
-    Relative local stores (`sqlite:///mlflow.db`, `file:mlruns`, `mlruns`) resolve against `repo_root()`, so every
-    stage and every run folder (`paths.root`) shares one store. Remote URIs (`http(s)://`, `postgresql://`,
-    `databricks`) are returned unchanged.
-    """
-    env = os.environ.get("MLFLOW_TRACKING_URI")
-    return _resolve_local(env if env else cfg.tracking.tracking_uri, repo_root())
-
-
-def resolve_artifact_location(cfg: Config) -> str:
-    """Artifact root for a new experiment: `tracking.artifact_location`, repo-relative unless it is a URI."""
-    loc = cfg.tracking.artifact_location
-    if "://" in loc or loc.startswith("file:"):
-        return loc
-    path = Path(loc)
-    return (path if path.is_absolute() else repo_root() / path).resolve().as_uri()
-
-
-def process_rank() -> int:
-    """Global rank of this process (`RANK` set by torchrun/deepspeed, else torch.distributed, else 0)."""
-    for var in ("RANK", "SLURM_PROCID"):
-        if os.environ.get(var, "").strip().isdigit():
-            return int(os.environ[var])
-    try:
-        import torch.distributed as dist
-
-        if dist.is_available() and dist.is_initialized():
-            return int(dist.get_rank())
-    except ImportError:  # pragma: no cover - torch is a dependency
-        pass
-    return 0
-
-
-# --------------------------------------------------------------------------------------------------- retries
-def _is_transient(err: BaseException) -> bool:
-    text = f"{type(err).__name__}: {err}".lower()
-    markers = ("connection", "timed out", "timeout", "max retries", "temporarily", "unavailable", "refused",
-               "503", "502", "504", "database is locked")
-    return isinstance(err, ConnectionError | TimeoutError) or any(m in text for m in markers)
-
-
-def with_retries(fn: Callable[[], T], what: str, uri: str, attempts: int | None = None) -> T:
-    """Call `fn`, retrying transient failures (connection refused, timeouts, 5xx, sqlite busy) with backoff.
-
-    Args:
-        fn: the call to make.
-        what: words for the error message ("connect", "create the model version").
-        uri: the tracking URI (shown redacted in the message).
-        attempts: total tries (default `ORCA8K_MLFLOW_RETRIES`, 3); waits 1 s, 2 s, 4 s... in between.
-
-    Raises:
-        RegistryError: the call still failed after the last attempt (or failed with a non-transient error).
-    """
-    attempts = RETRIES if attempts is None else attempts
-    delay = RETRY_BACKOFF_SECONDS
-    for attempt in range(1, attempts + 1):
-        try:
-            return fn()
-        except RegistryError:
-            raise
-        except Exception as err:  # noqa: BLE001 - MLflow raises many types; transient ones are retried
-            if not _is_transient(err) or attempt == attempts:
-                detail = redact_text(str(err).splitlines()[0] if str(err) else type(err).__name__)
-                raise RegistryError(
-                    f"MLflow at {redact_uri(uri)}: could not {what} after {attempt} attempt(s): "
-                    f"{type(err).__name__}: {detail[:500]}"
-                ) from err
-            log.warning("MLflow at %s: %s failed (%s), retry %d/%d in %.1f s", redact_uri(uri), what,
-                        type(err).__name__, attempt, attempts - 1, delay)
-            time.sleep(delay)
-            delay *= 2
-    raise AssertionError("unreachable")  # pragma: no cover
-
-
-def _configure_client(uri: str) -> None:
-    """Point mlflow at `uri`; keep MLflow's own HTTP retries short (ours wrap them) unless the user set them."""
-    import mlflow
-
-    if uri.startswith(("http://", "https://")):
-        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
-        os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
-        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_registry_uri(uri)
-
-
-def client(uri: str):
-    """An `MlflowClient` for `uri` (tracking and registry), after checking the store answers (with retries).
-
-    Raises:
-        RegistryError: the store is unreachable after the retries.
-    """
-    import mlflow
-
-    _configure_client(uri)
-    c = mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)
-    with_retries(lambda: c.search_experiments(max_results=1), "connect", uri)
-    return c
 
 
 # --------------------------------------------------------------------------------------------------- run handles
@@ -261,6 +105,34 @@ class RunHandle:
     def log_text(self, text: str, artifact_file: str) -> None:
         self.mlflow_client.log_text(self.run_id, redact_text(text), artifact_file)
 
+    def log_dataset(self, name: str, digest: str, source: str | Path, context: str, tags: Mapping[str, str] | None = None) -> None:
+        """`mlflow.log_input` of a dataset by reference (nothing is loaded): its name, digest and local source.
+
+        Args:
+            name: dataset name (`orca8k-mix`).
+            digest: its content hash (DVC's md5 of the mix; at most 36 characters).
+            source: where it lives (a local folder).
+            context: `training` | `evaluation` (tag `mlflow.data.context`).
+            tags: more input tags (e.g. the kind of digest).
+        """
+        from mlflow.data.dataset_source_registry import get_registered_sources
+        from mlflow.data.meta_dataset import MetaDataset
+        from mlflow.entities import DatasetInput, InputTag
+
+        # MLflow builds its artifact source classes at import time; take the local one by name
+        local = next(s for s in get_registered_sources() if s.__name__ == "LocalArtifactDatasetSource")
+        dataset = MetaDataset(source=local(str(source)), name=name, digest=digest[:36])
+        input_tags = [InputTag("mlflow.data.context", context)] + [InputTag(k, str(v)) for k, v in (tags or {}).items()]
+        self.mlflow_client.log_inputs(self.run_id, datasets=[DatasetInput(dataset._to_mlflow_entity(), input_tags)])
+
+    def dataset_digests(self) -> list[tuple[str, str]]:
+        """(name, digest) of the datasets logged as inputs of this run."""
+        run = self.mlflow_client.get_run(self.run_id)
+        return [(d.dataset.name, d.dataset.digest) for d in (run.inputs.dataset_inputs if run.inputs else [])]
+
+    def metric_keys(self) -> set[str]:
+        return set(self.mlflow_client.get_run(self.run_id).data.metrics)
+
     def download(self, artifact_path: str, dst: str | Path) -> Path:
         """Download a run artifact (file or folder) into `dst`; returns the local path."""
         import mlflow
@@ -303,6 +175,9 @@ class NullRun(RunHandle):
         return None
 
     def log_text(self, text, artifact_file):  # noqa: D102
+        return None
+
+    def log_dataset(self, name, digest, source, context, tags=None):  # noqa: D102
         return None
 
 
@@ -367,7 +242,7 @@ def write_run_file(path: Path, run: RunHandle) -> None:
     tmp.replace(path)
 
 
-def _experiment_id(c, name: str, artifact_location: str, uri: str) -> str:
+def _experiment_id(c, name: str, artifact_location: str | None, uri: str) -> str:
     from mlflow.exceptions import MlflowException
 
     exp = with_retries(lambda: c.get_experiment_by_name(name), "read the experiment", uri)
@@ -520,51 +395,3 @@ def attach_run(cfg: Config, layout: Layout, stage: str = "stage") -> Iterator[Ru
 
     with _opened(handle, status):
         yield handle
-
-
-# --------------------------------------------------------------------------------------------------- callback
-def _callback_class():
-    from transformers import TrainerCallback
-
-    class MlflowCurvesCallback(TrainerCallback):
-        """Log the Trainer's curves to an orca8k run: every numeric value of each log event at `global_step`
-        (HF names: `loss`, `learning_rate`, `grad_norm`, `eval_loss`, `eval_<group>_loss`, ...), plus
-        `tokens_per_second` (from `state.num_input_tokens_seen` between two logs: set
-        `include_num_input_tokens_seen=True`) and whatever `extra_metrics()` returns at that moment, e.g.
-        `{"supervised_tokens_seen/orca-chat": 123456}`. Only the world process zero logs.
-
-        Args:
-            run: the handle from `train_run` (a `NullRun` makes this a no-op).
-            extra_metrics: optional callable returning more metrics to log with each log event.
-        """
-
-        def __init__(self, run: RunHandle, extra_metrics: Callable[[], Mapping[str, float]] | None = None):
-            self.run = run
-            self.extra_metrics = extra_metrics
-            self._last: tuple[float, int] | None = None
-
-        def on_log(self, args, state, control, logs=None, **kwargs):
-            if not state.is_world_process_zero or not self.run.active:
-                return
-            metrics = {k: v for k, v in (logs or {}).items() if isinstance(v, int | float) and not isinstance(v, bool)}
-            seen = getattr(state, "num_input_tokens_seen", None)
-            now = time.perf_counter()
-            if seen:
-                if self._last is not None and now > self._last[0] and seen >= self._last[1]:
-                    metrics["tokens_per_second"] = (seen - self._last[1]) / (now - self._last[0])
-                self._last = (now, int(seen))
-            if self.extra_metrics is not None:
-                metrics.update(self.extra_metrics())
-            if metrics:
-                self.run.log_metrics(metrics, step=state.global_step)
-
-    return MlflowCurvesCallback
-
-
-def __getattr__(name: str) -> Any:
-    # `tracking.MlflowCurvesCallback` is built on first use so that importing this module does not import transformers
-    if name == "MlflowCurvesCallback":
-        cls = _callback_class()
-        globals()[name] = cls
-        return cls
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -62,13 +62,15 @@ def test_first_version_is_registered_with_aliases_and_metrics_file(first):
     assert m["missing_artifacts"] == []
 
 
-def test_loaded_model_keeps_dtype_rope_tokenizer_and_weights(first, tracking_store, saved_tiny_model, tokenizer):
+def test_loaded_model_keeps_dtype_rope_tokenizer_and_weights(first, tracking_store, saved_tiny_model, tokenizer, monkeypatch):
     import mlflow
     import torch
     from safetensors.torch import load_file
 
     from orca8k.model.tokenizer import OA_SPECIAL_TOKENS
 
+    for key in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI"):  # mlflow.set_*_uri export these: restore after
+        monkeypatch.setenv(key, tracking_store["uri"])
     mlflow.set_tracking_uri(tracking_store["uri"])
     mlflow.set_registry_uri(tracking_store["uri"])
     parts = mlflow.transformers.load_model("models:/tiny-chat@champion", return_type="components")

@@ -252,3 +252,14 @@ def test_no_secret_reaches_the_store(tmp_path, tracking_store, monkeypatch):
     for secret in (env_secret, url_password, "another-planted-pw"):
         assert not any(secret in v for v in values), secret
         assert not any(secret.encode() in b for b in blobs), secret
+
+
+def test_connecting_leaves_the_environment_alone(tracking_store, monkeypatch):
+    """mlflow.set_tracking_uri exports MLFLOW_TRACKING_URI; a later stage in the same process must still resolve
+    its own store from params, so connecting restores the environment."""
+    import os
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("MLFLOW_REGISTRY_URI", raising=False)
+    tracking.connect(tracking_store["uri"])
+    assert "MLFLOW_TRACKING_URI" not in os.environ and "MLFLOW_REGISTRY_URI" not in os.environ

@@ -108,6 +108,25 @@ def test_model_folder_carries_card_and_generation_config(first, tracking_store):
         resolve_model_dir(cfg, "models:/tiny-chat@nonexistent")
 
 
+def test_generate_loads_the_champion_through_the_registry(first, tracking_store, saved_tiny_model, capsys):
+    """`orca8k generate --model models:/tiny-chat@champion` answers exactly as the checkpoint folder does."""
+    from orca8k.cli import main
+
+    root = first["layout"].root
+    sets = [f"paths.root={root}", f"tracking.tracking_uri={tracking_store['uri']}",
+            f"sampling.config_file={root / 'oa_configuration.json'}"]
+    args = ["--params", str(REPO / "params.yaml"), *[x for kv in sets for x in ("--set", kv)],
+            "--config", "greedy", "--max-new-tokens", "6", PROMPTS[0]]
+    assert main(["generate", "--model", "models:/tiny-chat@champion", *args]) == 0
+    via_registry = capsys.readouterr().out
+    assert main(["generate", "--model", str(saved_tiny_model), *args]) == 0
+    local = capsys.readouterr().out
+    assert via_registry.startswith(f"### models:/tiny-chat@champion [greedy] prompt: {PROMPTS[0]}\n")
+    assert via_registry.split("\n", 1)[1] == local.split("\n", 1)[1]  # same reply, same cut note
+    assert main(["generate", "--model", "models:/tiny-chat@nobody", *args]) == 1
+    assert "RegistryError: models:/tiny-chat@nobody: not found in the registry" in capsys.readouterr().err
+
+
 def test_lineage_tags_run_records_and_dataset_input(first, tracking_store):
     c = _client(tracking_store)
     version = c.get_model_version("tiny-chat", "1")

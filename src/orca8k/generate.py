@@ -2,13 +2,15 @@
 
     orca8k generate "What is 12 + 30?"                                 # the pipeline's model (paths.model), greedy
     orca8k generate --model artifacts/model --config nucleus9 --system "Answer briefly." "Tell me a story."
+    orca8k generate --model models:/orca8k-demo@champion "What is 12 + 30?"    # the registry's champion
 
 The prompt is built by the same function as training (`ChatEncoder.encode_prompt`, BOS once; v3 with a system
 block when `--system` is given), decoded with a named configuration of `sampling.config_file`, and the new tokens
 are printed, cut at the first `</s>`. Several prompts run as one left-padded batch.
 
-`load_for_generation` is the one place that turns `--model` into (model, tokenizer): a local dir here; the
-registry adds `models:/<name>@<alias>` there.
+`load_for_generation` is the one place that turns `--model` into (model, tokenizer): a local dir, or a registry
+URI `models:/<name>@<alias>` / `models:/<name>/<version>` that MLflow resolves to the registered checkpoint folder
+(`orca8k.tracking.resolve_model_dir`; tracking URI from `MLFLOW_TRACKING_URI` or `tracking.tracking_uri`).
 """
 
 from __future__ import annotations
@@ -31,24 +33,29 @@ def load_for_generation(cfg: Config, model: str | None) -> tuple[PreTrainedModel
 
     Args:
         cfg: the config (`paths.model` is the default; `sampling.dtype`/`device` apply).
-        model: a local model dir, or None for `paths.model`.
+        model: a local model dir, a registry URI `models:/<name>@<alias>` (or `/<version>`), or None for
+            `paths.model`.
 
     Returns:
         (model in eval mode, tokenizer, name).
 
     Raises:
         orca8k.errors.StageInputMissing: the dir holds no model or tokenizer.
-        ConfigError: a `models:/` URI (registry loading is not available in this build).
+        orca8k.errors.RegistryError: the registry has no such model/alias/version, or is unreachable after retries.
     """
     from orca8k.sampling.loading import load_local_model
 
     if model is not None and model.startswith("models:/"):
-        raise ConfigError(f"--model {model}: registry URIs are not supported yet; pass a local model dir")
-    path = Layout.from_config(cfg).model if model is None else model
+        from orca8k.tracking import resolve_model_dir
+
+        path, name = resolve_model_dir(cfg, model), model
+    else:
+        path = Layout.from_config(cfg).model if model is None else model
+        name = str(path)
     m, tok = load_local_model(
         path, dtype=cfg.sampling.dtype, device=cfg.sampling.device, attn_implementation=cfg.model.attn_implementation
     )
-    return m, tok, str(path)
+    return m, tok, name
 
 
 def generate(

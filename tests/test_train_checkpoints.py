@@ -87,3 +87,62 @@ def test_fingerprint_follows_what_changes_the_weights(tmp_path, monkeypatch):
     assert fp("tokenize.max_length=256") != ref
     (base / "config.json").write_text('{"hidden_size": 16}')
     assert fp() != ref
+
+
+# ----------------------------------------------------------------------------------------------- the run guard
+def _guard(max_seconds=None, max_skipped=3):
+    from types import SimpleNamespace
+
+    from orca8k.training.callbacks import GuardCallback
+
+    trainer = SimpleNamespace(nonfinite_loss=None, accelerator=SimpleNamespace(optimizer_step_was_skipped=False))
+    guard = GuardCallback(trainer, max_seconds=max_seconds, max_skipped=max_skipped)
+    args = SimpleNamespace(device="cpu")
+    return guard, trainer, args
+
+
+def _state(step):
+    from types import SimpleNamespace
+
+    return SimpleNamespace(global_step=step, max_steps=100)
+
+
+def test_repeated_skipped_steps_stop_the_run_naming_the_steps():
+    import pytest
+    from transformers import TrainerControl
+
+    from orca8k.errors import TrainingError
+
+    guard, trainer, args = _guard(max_skipped=3)
+    guard.on_train_begin(args, _state(0), TrainerControl())
+    trainer.accelerator.optimizer_step_was_skipped = True
+    guard.on_step_end(args, _state(1), TrainerControl())
+    guard.on_step_end(args, _state(2), TrainerControl())
+    trainer.accelerator.optimizer_step_was_skipped = False  # a good step resets the count
+    guard.on_step_end(args, _state(3), TrainerControl())
+    trainer.accelerator.optimizer_step_was_skipped = True
+    guard.on_step_end(args, _state(4), TrainerControl())
+    guard.on_step_end(args, _state(5), TrainerControl())
+    with pytest.raises(TrainingError, match="3 consecutive optimiser steps skipped \\(steps 4–6\\)"):
+        guard.on_step_end(args, _state(6), TrainerControl())
+
+
+def test_non_finite_loss_and_budget_in_the_guard():
+    import pytest
+    from transformers import TrainerControl
+
+    from orca8k.errors import TrainingError
+
+    guard, trainer, args = _guard()
+    guard.on_train_begin(args, _state(0), TrainerControl())
+    trainer.nonfinite_loss = float("inf")
+    with pytest.raises(TrainingError, match=r"non-finite loss \(inf\) at optimiser step 7"):
+        guard.on_step_end(args, _state(7), TrainerControl())
+
+    guard, trainer, args = _guard(max_seconds=3600)
+    guard.on_train_begin(args, _state(0), TrainerControl())
+    control = guard.on_step_end(args, _state(1), TrainerControl())
+    assert not control.should_training_stop and guard.stopped_by_budget_at is None
+    guard.max_seconds = 1e-9
+    control = guard.on_step_end(args, _state(2), TrainerControl())
+    assert control.should_training_stop and control.should_save and guard.stopped_by_budget_at == 2

@@ -8,7 +8,9 @@ Steps:
 2. a Llama of ≈ 1.1 B parameters built from its config (hidden 2048, 16 layers, 16 heads, MLP 5,632, vocab 32,016,
    native context 4,096 with linear RoPE × 2 → 8,192, the project's convention), fp32 master weights, bf16 autocast
    (what `TrainingArguments(bf16=True)` does), gradient checkpointing (non-re-entrant), torch AdamW (fused on CUDA),
-   attention: flash_attention_2 when the package is installed, else sdpa;
+   attention: flash_attention_2 when the package is installed (sdpa again if that run fails), else sdpa — packed
+   rows carry no attention mask, so transformers 5 builds a block-diagonal mask from `position_ids` (sdpa) or runs
+   varlen (flash-attention 2);
 3. synthetic examples with lengths like the recipe's mix (a seeded log-uniform draw between 64 and 8,192 tokens), the
    same examples collated two ways with the project's own code (`orca8k.data.packing.plan_bins` +
    `orca8k.data.collate.CausalLMCollator`): `packing` (rows of ≤ 8,192 tokens, no cross-attention) and `padded`
@@ -17,7 +19,7 @@ Steps:
    useful tokens/s × (6·N + 12·n_layers·d_model·s) / the measured bf16 peak (N without the input embedding, s the
    batch's padded length; the attention term not halved for causality; `mfu_6n` without it).
 
-The last stdout line is one JSON object.
+The last stdout line is one JSON object (errors, e.g. an out-of-memory, are reported in its `errors` list).
 """
 
 from __future__ import annotations

@@ -220,8 +220,14 @@ def test_curves_callback_logs_each_value_at_its_step(tmp_path, tracking_store, m
 def test_callback_is_silent_off_rank_zero():
     from transformers import TrainerControl, TrainerState
 
-    cb = tracking.MlflowCurvesCallback(tracking.NullRun())
+    null = tracking.NullRun()
+    cb = tracking.MlflowCurvesCallback(null)
     cb.on_log(None, TrainerState(), TrainerControl(), logs={"loss": 1.0})  # must not touch any store
+    # every logging method is a no-op without a store (its URI is empty: a real call would fail)
+    null.log_params({"a": 1}), null.set_tags({"a": "b"}), null.log_artifact("/nonexistent")
+    null.log_dataset("mix", "d", "/x", "training")
+    assert (null.params(), null.tags(), null.metric_keys(), null.dataset_digests()) == ({}, {}, set(), [])
+    assert null._client is None
 
 
 # --------------------------------------------------------------------------------------------------- secrets

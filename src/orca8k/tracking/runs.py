@@ -180,6 +180,15 @@ class NullRun(RunHandle):
     def log_dataset(self, name, digest, source, context, tags=None):  # noqa: D102
         return None
 
+    def dataset_digests(self):  # noqa: D102
+        return []
+
+    def metric_keys(self):  # noqa: D102
+        return set()
+
+    def download(self, artifact_path, dst):  # noqa: D102
+        raise RuntimeError("a NullRun (rank other than 0) has no artifacts to download")
+
 
 _CURRENT: list[RunHandle] = []  # the run opened by train_run/attach_run in this process (module-level helpers)
 

@@ -82,7 +82,10 @@ def test_server_mode_register_then_serve_champion(tmp_path, migrated_mlflow_db, 
         register_stage.run(cfg)
         m = json.loads(layout.register_metrics.read_text())
         assert (m["version"], m["decision"], m["champion"]) == (1, "promoted", 1)
-        assert json.loads(layout.train_run.read_text())["tracking_uri"] == uri
+        run_file = json.loads(layout.train_run.read_text())
+        assert run_file["tracking_uri"] == uri
+        assert run_file["run_url"] == f"{uri}/#/experiments/{run_file['experiment_id']}/runs/{run_id}"
+        assert m["version_url"] == f"{uri}/#/models/tiny-served/versions/1"
         # artifacts went through the server (its --artifacts-destination), not to a local path of this client
         assert not (tmp_path / "unused-local-artifacts").exists()
         assert any((tmp_path / "server-artifacts").rglob("model.safetensors"))

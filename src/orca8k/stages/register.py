@@ -31,7 +31,7 @@ from orca8k.config import Config
 from orca8k.errors import RegistryError
 from orca8k.layout import Layout
 from orca8k.model.tokenizer import ASSISTANT, BOS, EOS, PROMPTER
-from orca8k.redaction import flatten
+from orca8k.redaction import flatten, redact_uri
 from orca8k.registry import card, compare, lineage
 from orca8k.registry.gate import Evidence
 from orca8k.registry.promote import ensure_version, promote
@@ -176,6 +176,8 @@ def run(cfg: Config) -> StageResult:
             "champion_before": int(before.version) if before else None,
             "champion": int(champion.version) if champion else None,
             "side_by_side": counts,
+            **({"version_url": f"{redact_uri(run.tracking_uri).rstrip('/')}/#/models/{name}/versions/{version.version}"}
+               if run.tracking_uri.startswith(("http://", "https://")) else {}),
             "lineage": tags,
             "evidence": json.loads(evidence.to_json()),
             "missing_artifacts": missing,

@@ -36,7 +36,7 @@ class MlflowCurvesCallback(TrainerCallback):
         seen = getattr(state, "num_input_tokens_seen", None)
         now = time.perf_counter()
         if seen:
-            if self._last is not None and now > self._last[0] and seen >= self._last[1]:
+            if self._last is not None and now > self._last[0] and seen > self._last[1]:  # eval logs add no tokens
                 metrics["tokens_per_second"] = (seen - self._last[1]) / (now - self._last[0])
             self._last = (now, int(seen))
         if self.extra_metrics is not None:

@@ -243,10 +243,14 @@ def read_run_file(path: Path) -> dict[str, str]:
 
 
 def write_run_file(path: Path, run: RunHandle) -> None:
-    """Write the run file atomically (the URI redacted: it may carry a password)."""
+    """Write the run file atomically (the URI redacted: it may carry a password); with a tracking server, also
+    `run_url`, the run's page in the MLflow UI."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
-    data = {"run_id": run.run_id, "experiment_id": run.experiment_id, "tracking_uri": redact_uri(run.tracking_uri)}
+    uri = redact_uri(run.tracking_uri)
+    data = {"run_id": run.run_id, "experiment_id": run.experiment_id, "tracking_uri": uri}
+    if uri.startswith(("http://", "https://")):
+        data["run_url"] = f"{uri.rstrip('/')}/#/experiments/{run.experiment_id}/runs/{run.run_id}"
     tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
     tmp.replace(path)
 

@@ -88,10 +88,10 @@ def generate(
     """
     from orca8k.data.chat_format import ChatEncoder
     from orca8k.sampling.generation import build_prompt_ids, derive_seed, generate_batched, resolve_generation_config
-    from orca8k.sampling.loading import repo_path
+    from orca8k.layout import repo_file
     from orca8k.sampling.schema import load_configuration
 
-    configuration = load_configuration(repo_path(cfg.sampling.config_file))
+    configuration = load_configuration(repo_file(cfg.sampling.config_file))
     merged = {c.name: c for c in configuration.merged()}
     if config_name not in merged:
         raise ConfigError(f"--config {config_name}: not in {cfg.sampling.config_file} (have: {', '.join(merged)})")

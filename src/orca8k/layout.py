@@ -15,6 +15,36 @@ from orca8k.config import Config
 # where they have one).
 DEMO_FILE_NAMES = {"orca_chat": "orca-chat-gpt4.jsonl", "fanfics": "train.jsonl", "red_pajama": "sample.jsonl"}
 
+# The source checkout this package was imported from (src/orca8k/layout.py → the folder above src/).
+_CHECKOUT = Path(__file__).resolve().parents[2]
+
+
+def repo_root(start: str | Path | None = None) -> Path:
+    """The nearest ancestor of `start` (default: the working directory) holding `dvc.yaml` or `.git`.
+
+    Falls back to `start` itself when no ancestor has either (a bare folder). The MLflow store and the Prefect run
+    directories resolve against it, so they do not move with the working directory.
+    """
+    here = Path(start or Path.cwd()).resolve()
+    for folder in (here, *here.parents):
+        if (folder / "dvc.yaml").exists() or (folder / ".git").exists():
+            return folder
+    return here
+
+
+def repo_file(path: str | Path) -> Path:
+    """A repo-relative file named in params (`sampling.config_file`, `sampling.prompts_file`), as an absolute path.
+
+    Tried in order: as given if absolute; under `repo_root()` of the working directory; under the checkout this
+    package runs from (so a stage run with `paths.root` elsewhere, e.g. from a temp folder, still finds the shipped
+    configs). Returns the first existing candidate, else the repo-root one (the caller's error names it).
+    """
+    p = Path(path).expanduser()
+    if p.is_absolute():
+        return p
+    candidates = [repo_root() / p, _CHECKOUT / p]
+    return next((c for c in candidates if c.exists()), candidates[0])
+
 
 @dataclass(frozen=True)
 class Layout:

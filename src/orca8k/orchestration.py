@@ -28,6 +28,7 @@ import yaml
 
 from orca8k.config import Config, apply_overrides, config_from_dict, read_params
 from orca8k.errors import ConfigError, Orca8kError
+from orca8k.layout import repo_root as find_repo_root  # one definition; the flow imports it from here
 
 RUN_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 # flow knobs (typed parameters in the Prefect form) → the params keys they set
@@ -40,15 +41,6 @@ KNOB_KEYS = {
     "rope_factor": "model.rope_scaling.factor",
     "pretrain_max_steps": "base.pretrain.max_steps",
 }
-
-
-def find_repo_root(start: Path | None = None) -> Path:
-    """The nearest ancestor of `start` (default: the working dir) holding `dvc.yaml` or `.git`; else `start`."""
-    start = (start or Path.cwd()).resolve()
-    for candidate in (start, *start.parents):
-        if (candidate / "dvc.yaml").is_file() or (candidate / ".git").exists():
-            return candidate
-    return start
 
 
 def knob_overrides(knobs: dict[str, Any], fractions: dict[str, float] | None = None) -> dict[str, Any]:

@@ -12,13 +12,6 @@ if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 
-def repo_path(path: str | Path) -> Path:
-    """A repo-relative path from params (`sampling.config_file`, `prompts_file`) resolved against the working
-    directory (the repo root, where `dvc repro` and the CLI run); absolute paths are kept."""
-    p = Path(path).expanduser()
-    return p if p.is_absolute() else Path.cwd() / p
-
-
 def resolve_device(device: str) -> str:
     """`auto` → `cuda` when a GPU is visible, else `cpu`; anything else is returned as given."""
     if device != "auto":

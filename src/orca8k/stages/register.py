@@ -29,7 +29,7 @@ from pathlib import Path
 from orca8k import tracking
 from orca8k.config import Config
 from orca8k.errors import RegistryError
-from orca8k.layout import Layout
+from orca8k.layout import Layout, repo_file
 from orca8k.model.tokenizer import ASSISTANT, BOS, EOS, PROMPTER
 from orca8k.redaction import flatten, redact_uri
 from orca8k.registry import card, compare, lineage
@@ -105,8 +105,7 @@ def run(cfg: Config) -> StageResult:
     eval_metrics = lineage.read_json(layout.eval_metrics, "evaluate")
     summary = lineage.read_json(layout.sampling_summary, "sampling-report")
     manifest = lineage.read_json(layout.mix_manifest, "mix") if layout.mix_manifest.is_file() else None
-    config_file = Path(cfg.sampling.config_file)
-    gen_config = card.generation_config(layout.model, config_file if config_file.is_absolute() else repo / config_file)
+    gen_config = card.generation_config(layout.model, repo_file(cfg.sampling.config_file))
 
     with tracking.attach_run(cfg, layout, stage="register") as run:
         if not run.active:

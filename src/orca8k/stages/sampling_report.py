@@ -22,14 +22,15 @@ def run(cfg: Config) -> StageResult:
         orca8k.errors.StageInputMissing: no model at `layout.model` (run `orca8k train`).
         orca8k.errors.DataError: the configuration or prompts file is missing or malformed (names file and line).
     """
-    from orca8k.sampling.loading import load_local_model, repo_path
+    from orca8k.layout import repo_file
+    from orca8k.sampling.loading import load_local_model
     from orca8k.sampling.report import sample_reports, write_report_set
     from orca8k.sampling.schema import load_configuration, load_prompts
 
     layout = Layout.from_config(cfg)
     s = cfg.sampling
-    configuration = load_configuration(repo_path(s.config_file))
-    prompts = load_prompts(repo_path(s.prompts_file))
+    configuration = load_configuration(repo_file(s.config_file))
+    prompts = load_prompts(repo_file(s.prompts_file))
     model, tokenizer = load_local_model(
         layout.model, dtype=s.dtype, device=s.device, attn_implementation=cfg.model.attn_implementation
     )

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from orca8k.errors import RegistryError
+from orca8k.layout import repo_root
 from orca8k.redaction import redact_text, redact_uri
 
 if TYPE_CHECKING:
@@ -23,18 +24,6 @@ RETRY_BACKOFF_SECONDS = float(os.environ.get("ORCA8K_MLFLOW_RETRY_BACKOFF_SECOND
 
 
 # --------------------------------------------------------------------------------------------------- where
-def repo_root(start: str | Path | None = None) -> Path:
-    """The nearest ancestor of `start` (default: the working directory) holding `dvc.yaml` or `.git`.
-
-    Falls back to `start` itself when no ancestor has either (a bare folder: the store goes there).
-    """
-    here = Path(start or Path.cwd()).resolve()
-    for folder in (here, *here.parents):
-        if (folder / "dvc.yaml").exists() or (folder / ".git").exists():
-            return folder
-    return here
-
-
 def _resolve_local(uri: str, root: Path) -> str:
     if uri.startswith("sqlite:///"):
         path = uri[len("sqlite:///"):]

@@ -195,7 +195,7 @@ def compare(model, examples: list[dict], max_length: int, seconds: float, max_ba
     padded = [collate(order[i:i + BATCH_ROWS]) for i in range(0, len(order) - BATCH_ROWS + 1, BATCH_ROWS)]
     runs = {"packing": packed, "padded": padded, **({"random_full_batches": ceiling} if ceiling else {})}
     results = run_interleaved([Runner(model, b) for b in runs.values()], seconds, max_batches)
-    out = {name: summarise(r, n6, layers, hidden, peak) for name, r in zip(runs, results)}
+    out = {name: summarise(r, n6, layers, hidden, peak) for name, r in zip(runs, results, strict=True)}
     out["examples"] = len(order)
     out["packed_rows"] = len(packed_rows)
     out["speedup_packing_over_padded"] = round(

@@ -164,7 +164,7 @@ def timed(model, batches: list[dict], device: str, warmup: int, steps: int, auto
 def real_tokens_packed(batch: dict) -> int:
     """Real tokens of packed rows: the trailing pad pseudo-example (it starts with PAD, examples with BOS) excluded."""
     total = 0
-    for ids, pos in zip(batch["input_ids"].tolist(), batch["position_ids"].tolist()):
+    for ids, pos in zip(batch["input_ids"].tolist(), batch["position_ids"].tolist(), strict=True):
         restarts = [i for i, p in enumerate(pos) if p == 0]
         last = restarts[-1]
         total += last if last > 0 and ids[last] == PAD else len(ids)

@@ -62,7 +62,7 @@ def _reference_grads(setup, weights, naive: bool) -> dict[str, torch.Tensor]:
         s, c = supervised_loss_sums(model(input_ids=torch.tensor([row["input_ids"]])).logits, torch.tensor([row["labels"]]))
         sums.append(s.sum())
         counts.append(c.sum())
-    loss = sum(s / c for s, c in zip(sums, counts)) / len(sums) if naive else sum(sums) / sum(counts)
+    loss = sum(s / c for s, c in zip(sums, counts, strict=True)) / len(sums) if naive else sum(sums) / sum(counts)
     loss.backward()
     return {n: p.grad for n, p in model.named_parameters()}
 

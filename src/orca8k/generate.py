@@ -87,8 +87,8 @@ def generate(
         orca8k.errors.DataError: the configuration file is missing or malformed.
     """
     from orca8k.data.chat_format import ChatEncoder
-    from orca8k.sampling.generation import build_prompt_ids, derive_seed, generate_batched, resolve_generation_config
     from orca8k.layout import repo_file
+    from orca8k.sampling.generation import build_prompt_ids, derive_seed, generate_batched, resolve_generation_config
     from orca8k.sampling.schema import load_configuration
 
     configuration = load_configuration(repo_file(cfg.sampling.config_file))

@@ -28,7 +28,7 @@ import yaml
 
 from orca8k.config import Config, apply_overrides, config_from_dict, read_params
 from orca8k.errors import ConfigError, Orca8kError
-from orca8k.layout import repo_root as find_repo_root  # one definition; the flow imports it from here
+from orca8k.layout import repo_root as find_repo_root  # noqa: F401  (one definition; the flow imports it from here)
 
 RUN_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 # flow knobs (typed parameters in the Prefect form) → the params keys they set

@@ -42,6 +42,13 @@ def first(tmp_path_factory, tracking_store, saved_tiny_model):
     with pytest.MonkeyPatch.context() as mp:
         _forbid_loading(mp)
         result = register_stage.run(cfg)
+        # the guard is real: loading the version just registered fails under the same patches
+        import mlflow
+
+        with pytest.raises(AssertionError, match="must not load the model into memory"):
+            mlflow.transformers.load_model(f"models:/tiny-chat/{result.summary['version']}", return_type="components")
+        with pytest.raises(AssertionError, match="must not load the model into memory"):
+            mlflow.pyfunc.load_model(f"models:/tiny-chat/{result.summary['version']}")
     return {"cfg": cfg, "layout": layout, "run_id": run_id, "result": result,
             "metrics": json.loads(layout.register_metrics.read_text())}
 
@@ -284,3 +291,65 @@ def test_failure_after_the_version_exists_leaves_no_half_registered_version(tmp_
     m = json.loads(layout.register_metrics.read_text())
     assert (m["version"], m["created"], m["aliases"]) == (2, True, ["candidate", "champion"])
     assert [v.run_id for v in c.search_model_versions(f"name = '{name}'")] == [run_id]
+
+
+# --------------------------------------------------------------------------------------------------- a real stage process
+def test_register_process_in_a_dvc_repo_logs_dvc_digests_deepspeed_and_no_secret(tmp_path, tracking_store, saved_tiny_model, monkeypatch):
+    """`orca8k register` in its own process, in a repository with `data.dvc` and `dvc.lock`: it re-attaches to the
+    run `train` created (one run), logs the mix with DVC's md5 as digest, the DeepSpeed config, and a secret planted
+    in the environment and in params (train's and register's) is nowhere in the store, the model folder or the
+    stage's outputs."""
+    import mlflow
+
+    from orca8k.redaction import REDACTED
+    from tests.fixtures.common import run_cli
+
+    secret = "hf_PlantedRegisterSecret0123456789ab"
+    monkeypatch.setenv("HF_TOKEN", secret)
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    (repo / "dvc.yaml").write_text("stages: {}\n")
+    (repo / "data.dvc").write_text("outs:\n- md5: 0123456789abcdef0123456789abcdef.dir\n  size: 10\n  path: data\n")
+    (repo / "dvc.lock").write_text(
+        "schema: '2.0'\nstages:\n  mix:\n    cmd: orca8k mix\n    outs:\n"
+        "    - path: run/artifacts/mix\n      md5: fedcba9876543210fedcba9876543210.dir\n")
+    deepspeed = REPO / "configs" / "deepspeed" / "zero2.json"
+    sets = {"train.deepspeed": str(deepspeed), "base.revision": f"main-{secret}"}
+    cfg, layout, run_id = trained_candidate(repo / "run", tracking_store, saved_tiny_model, model_name="tiny-proc",
+                                            experiment="proc", sets=sets)
+    # the sampling report's own args carry the secret too (an upstream file, logged as an artifact)
+    report = next(p for p in layout.sampling_reports.glob("*.json") if p.name != "summary.json")
+    report.write_text(report.read_text().replace('"mode": "v3"', f'"mode": "v3", "auth": "Bearer {secret}"'))
+
+    overrides = {"paths.root": str(layout.root), "tracking.tracking_uri": tracking_store["uri"],
+                 "tracking.experiment_name": "proc", "register.model_name": "tiny-proc",
+                 "sampling.config_file": str(layout.root / "oa_configuration.json"),
+                 "register.base_license": f"apache-2.0 (see https://bob:{secret}@licences.example/x)"}
+    args = [x for kv in overrides.items() for x in ("--set", "=".join(kv))]
+    proc = run_cli("register", "--params", str(REPO / "params.yaml"), *args, cwd=repo,
+                   env={"HF_TOKEN": secret, "MLFLOW_TRACKING_URI": ""})
+    assert "[register] tiny-proc v1 (new version), gate: promoted; aliases: candidate, champion" in proc.stdout
+
+    c = _client(tracking_store)
+    [run] = c.search_runs([c.get_experiment_by_name("proc").experiment_id])
+    assert run.info.run_id == run_id and run.data.tags["orca8k.stage.register"] == "done"
+    [dataset] = run.inputs.dataset_inputs
+    assert (dataset.dataset.name, dataset.dataset.digest) == ("orca8k-mix", "fedcba9876543210fedcba9876543210")
+    assert {t.key: t.value for t in dataset.tags}["orca8k.digest_kind"] == "dvc-md5"
+    tags = c.get_model_version("tiny-proc", "1").tags
+    assert tags["lineage.data_hash"] == "0123456789abcdef0123456789abcdef.dir"
+    assert tags["lineage.mix_hash"] == "fedcba9876543210fedcba9876543210.dir"
+    assert tags["lineage.base_revision"] == f"main-{REDACTED}"
+    logged = {f.path for f in c.list_artifacts(run_id, "deepspeed")}
+    assert logged == {"deepspeed/zero2.json"}
+    folder = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="deepspeed/zero2.json",
+                                                 dst_path=str(tmp_path / "dl"), tracking_uri=tracking_store["uri"])
+    assert json.loads(open(folder).read()) == json.loads(deepspeed.read_text())
+    # the planted secret: not in the DB, not in any artifact (model folder and card included), not in the outputs
+    card = layout.register_model_card.read_text()
+    assert f"https://bob:{REDACTED}@licences.example/x" in card
+    blobs = [tracking_store["db"].read_bytes(), layout.register_metrics.read_bytes(), layout.train_run.read_bytes()]
+    blobs += [p.read_bytes() for p in tracking_store["artifacts"].rglob("*") if p.is_file()]
+    blobs += [p.read_bytes() for p in layout.register_reports.rglob("*") if p.is_file()]
+    assert any(b"Bearer " + REDACTED.encode() in b for b in blobs)  # the report went up, redacted
+    assert not any(secret.encode() in b for b in blobs)

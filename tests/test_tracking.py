@@ -269,3 +269,32 @@ def test_connecting_leaves_the_environment_alone(tracking_store, monkeypatch):
     monkeypatch.delenv("MLFLOW_REGISTRY_URI", raising=False)
     tracking.connect(tracking_store["uri"])
     assert "MLFLOW_TRACKING_URI" not in os.environ and "MLFLOW_REGISTRY_URI" not in os.environ
+
+
+def test_artifacts_are_uploaded_with_text_files_redacted(tmp_path, monkeypatch):
+    """Evidence files written by other stages (reports, JSON) go up through a redacted copy when they hold a secret;
+    clean folders go up as they are; binary files are never rewritten."""
+    from orca8k.tracking.runs import redacted_copy
+
+    secret = "hf_PlantedArtifactSecret0123456789"
+    monkeypatch.setenv("HF_TOKEN", secret)
+    clean = tmp_path / "clean"
+    (clean / "sub").mkdir(parents=True)
+    (clean / "sub" / "a.json").write_text('{"a": 1}')
+    with redacted_copy(clean) as upload:
+        assert upload == clean
+    dirty = tmp_path / "dirty"
+    (dirty / "sub").mkdir(parents=True)
+    (dirty / "sub" / "report.html").write_text(f"<p>token {secret}</p>")
+    (dirty / "plot.png").write_bytes(b"\x89PNG" + secret.encode())  # binary: left alone
+    (dirty / "b.json").write_text('{"b": 2}')
+    with redacted_copy(dirty) as upload:
+        assert upload != dirty and upload.name == "dirty"
+        assert (upload / "sub" / "report.html").read_text() == f"<p>token {REDACTED}</p>"
+        assert (upload / "b.json").read_text() == '{"b": 2}'
+        assert (upload / "plot.png").read_bytes() == (dirty / "plot.png").read_bytes()
+    assert not upload.exists()  # the copy is temporary
+    assert (dirty / "sub" / "report.html").read_text() == f"<p>token {secret}</p>"  # the stage's output untouched
+    single = dirty / "sub" / "report.html"
+    with redacted_copy(single) as upload:
+        assert upload.name == "report.html" and upload.read_text() == f"<p>token {REDACTED}</p>"

@@ -31,7 +31,7 @@ from orca8k.config import Config
 from orca8k.errors import RegistryError
 from orca8k.layout import Layout, repo_file
 from orca8k.model.tokenizer import ASSISTANT, BOS, EOS, PROMPTER
-from orca8k.redaction import flatten, redact_uri
+from orca8k.redaction import flatten, redact_text, redact_tree, redact_uri
 from orca8k.registry import card, compare, lineage
 from orca8k.registry.gate import Evidence
 from orca8k.registry.promote import ensure_version, promote
@@ -131,9 +131,9 @@ def run(cfg: Config) -> StageResult:
                                                                           "orca8k.val_set_sha256": tags["lineage.val_set_sha256"]})
         run.set_tags(tags)
         # 2. the version (once per run)
-        card_text = card.model_card(model_name=name, run_id=run.run_id, params=params, lineage=tags, manifest=manifest,
+        card_text = redact_text(card.model_card(model_name=name, run_id=run.run_id, params=params, lineage=tags, manifest=manifest,
                                     eval_metrics=eval_metrics, sampling_summary=summary,
-                                    base_license=cfg.register_.base_license, facts=facts)
+                                    base_license=cfg.register_.base_license, facts=facts))  # never a secret
         extra = {"README.md": card_text, "generation_config.json": json.dumps(gen_config, indent=2) + "\n"}
         defaults = {k: gen_config[k] for k in card.GENERATION_KEYS if k in gen_config}
 
@@ -182,7 +182,7 @@ def run(cfg: Config) -> StageResult:
             "missing_artifacts": missing,
         }
     layout.register_metrics.parent.mkdir(parents=True, exist_ok=True)
-    layout.register_metrics.write_text(json.dumps(result, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    layout.register_metrics.write_text(json.dumps(redact_tree(result), indent=2, sort_keys=True) + "\n", encoding="utf-8")
     print(f"[register] {name} v{version.version} ({'new' if registered.created else 'existing'} version), "
           f"gate: {decision.outcome}; aliases: {', '.join(result['aliases']) or 'none'}", flush=True)
     for reason in decision.reasons:

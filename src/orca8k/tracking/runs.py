@@ -88,15 +88,18 @@ class RunHandle:
         self.mlflow_client.log_batch(self.run_id, tags=[RunTag(k, v) for k, v in clean.items()])
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
-        """Upload one file (or, for a folder, its contents) under `artifact_path`."""
+        """Upload one file (or, for a folder, its contents) under `artifact_path`, text files redacted."""
         path = Path(path)
-        if path.is_dir():
-            self.mlflow_client.log_artifacts(self.run_id, str(path), artifact_path)
-        else:
-            self.mlflow_client.log_artifact(self.run_id, str(path), artifact_path)
+        with redacted_copy(path) as upload:
+            if path.is_dir():
+                self.mlflow_client.log_artifacts(self.run_id, str(upload), artifact_path)
+            else:
+                self.mlflow_client.log_artifact(self.run_id, str(upload), artifact_path)
 
     def log_artifacts(self, folder: str | Path, artifact_path: str | None = None) -> None:
-        self.mlflow_client.log_artifacts(self.run_id, str(folder), artifact_path)
+        """Upload a folder's contents under `artifact_path`, text files redacted."""
+        with redacted_copy(Path(folder)) as upload:
+            self.mlflow_client.log_artifacts(self.run_id, str(upload), artifact_path)
 
     def log_dict(self, data: Any, artifact_file: str) -> None:
         """Write redacted plain data as JSON (or YAML for `.yaml`) into the run's artifacts."""
@@ -188,6 +191,45 @@ class NullRun(RunHandle):
 
     def download(self, artifact_path, dst):  # noqa: D102
         raise RuntimeError("a NullRun (rank other than 0) has no artifacts to download")
+
+
+TEXT_SUFFIXES = frozenset({".json", ".jsonl", ".md", ".html", ".htm", ".txt", ".yaml", ".yml", ".csv", ".log", ".cfg"})
+MAX_REDACTED_FILE_BYTES = 64 << 20  # larger text files are uploaded as they are (evidence files are far smaller)
+
+
+def _redacted_text(path: Path) -> str | None:
+    """The redacted content of a text file when redaction changes it, else None (binary, large, or clean)."""
+    if path.suffix.lower() not in TEXT_SUFFIXES or path.stat().st_size > MAX_REDACTED_FILE_BYTES:
+        return None
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        return None
+    clean = redact_text(text)
+    return clean if clean != text else None
+
+
+@contextlib.contextmanager
+def redacted_copy(path: Path) -> Iterator[Path]:
+    """`path` itself when none of its text files holds a secret; else a temporary copy with those files redacted
+    (`orca8k.redaction.redact_text`: env secrets, credential shapes, URL passwords). Same names, same layout."""
+    import shutil
+    import tempfile
+
+    files = [p for p in sorted(path.rglob("*")) if p.is_file()] if path.is_dir() else [path]
+    changed = {p: text for p in files if (text := _redacted_text(p)) is not None}
+    if not changed:
+        yield path
+        return
+    with tempfile.TemporaryDirectory(prefix="orca8k-redacted-") as tmp:
+        target = Path(tmp) / path.name
+        if path.is_dir():
+            shutil.copytree(path, target)
+        for src, text in changed.items():
+            dst = target / src.relative_to(path) if path.is_dir() else target
+            dst.write_text(text, encoding="utf-8")
+        log.info("MLflow: %d file(s) of %s redacted before upload", len(changed), path)
+        yield target
 
 
 _CURRENT: list[RunHandle] = []  # the run opened by train_run/attach_run in this process (module-level helpers)

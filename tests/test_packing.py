@@ -37,6 +37,29 @@ def test_packed_rows_restart_positions_and_keep_every_token():
     assert rows[1]["labels"] == [IGNORE_INDEX] + [15] * 7 + [IGNORE_INDEX, 14]
     assert sorted(t for r in rows for t in r["input_ids"]) == sorted(t for e in examples for t in e["input_ids"])
     assert sum(r["input_ids"].count(1) for r in rows) == len(examples)  # one <s> per example
+    assert "sources" not in rows[0]  # examples without a source: no column
+
+
+def test_packed_rows_name_their_sources_and_the_collator_counts_supervised_tokens_per_source():
+    """The per-source curves' inputs: packed rows carry each example's source in order, and the collator counts a
+    batch's supervised tokens per source for examples and packed rows alike."""
+    from orca8k.data.collate import SOURCE_TOKENS_KEY
+
+    lengths = [5, 9, 3, 7, 2, 8, 1, 4]
+    names = ["a", "b", "a", "c", "b", "a", "c", "a"]
+    examples = [{"input_ids": [1] + [10 + k] * (n - 1), "labels": [IGNORE_INDEX] + [10 + k] * (n - 1), "source": s}
+                for k, (n, s) in enumerate(zip(lengths, names))]
+    rows = pack_examples(examples, 10)
+    assert [r["sources"] for r in rows] == [["b", "c"], ["a", "b"], ["c", "a"], ["a", "a"]]  # bins [[1,6],[5,4],[3,2],[0,7]]
+    collate = CausalLMCollator(pad_token_id=2, sources=("a", "b", "c"))
+    supervised = {s: sum(n - 1 for n, x in zip(lengths, names) if x == s) for s in "abc"}  # position 0 unsupervised
+    assert collate(rows)[SOURCE_TOKENS_KEY].tolist() == [supervised["a"], supervised["b"], supervised["c"]] == [16, 9, 6]
+    assert collate(examples)[SOURCE_TOKENS_KEY].tolist() == [16, 9, 6]
+    assert collate(rows[:1])[SOURCE_TOKENS_KEY].tolist() == [0, 8, 0]  # example 1 (b, 8) + example 6 (c, 0)
+    assert SOURCE_TOKENS_KEY not in CausalLMCollator(pad_token_id=2)(rows)  # not asked for
+    assert SOURCE_TOKENS_KEY not in collate([{k: v for k, v in e.items() if k != "source"} for e in examples])
+    with pytest.raises(ValueError, match="source 'c' not in \\['a', 'b'\\]"):
+        CausalLMCollator(pad_token_id=2, sources=("a", "b"))(rows)
 
 
 def chat_batch(tokenizer, n: int, max_length: int = 64):

@@ -66,7 +66,7 @@ def test_packed_train_keeps_every_token_and_restarts_positions(packed_run):
     layout = Layout.from_config(cfg)
     tokenizer = load_tokenizer(layout.tokenizer)
     train = load_from_disk(str(layout.tokenized_train))
-    assert train.column_names == ["input_ids", "labels", "position_ids", "num_examples"]
+    assert train.column_names == ["input_ids", "labels", "position_ids", "num_examples", "sources"]
     examples = [e for _, res in direct(mix_rows(24, 12, seed=1), tokenizer) for e in res.examples]
     lengths = [len(e) for e in examples]
     assert len(train) == len(plan_bins(lengths, MAX_LENGTH)) == result.summary["train"]["rows"]
@@ -81,7 +81,18 @@ def test_packed_train_keeps_every_token_and_restarts_positions(packed_run):
         starts = [i for i, p in enumerate(row["position_ids"]) if p == 0]
         assert len(starts) == row["num_examples"] and starts[0] == 0
         assert all(row["input_ids"][i] == tokenizer.bos_token_id for i in starts)
-        assert row["input_ids"].count(tokenizer.bos_token_id) == row["num_examples"]
+        assert row["input_ids"].count(tokenizer.bos_token_id) == row["num_examples"] == len(row["sources"])
+    # each packed example keeps its source: supervised tokens per source add up to the examples'
+    by_source: dict[str, int] = {}
+    for row in train:
+        starts = [i for i, p in enumerate(row["position_ids"]) if p == 0] + [len(row["labels"])]
+        for name, a, b in zip(row["sources"], starts, starts[1:], strict=False):
+            by_source[name] = by_source.get(name, 0) + sum(1 for x in row["labels"][a:b] if x != IGNORE_INDEX)
+    expected: dict[str, int] = {}
+    for row, res in direct(mix_rows(24, 12, seed=1), tokenizer):
+        for e in res.examples:
+            expected[row["source"]] = expected.get(row["source"], 0) + e.num_supervised
+    assert by_source == expected and len(expected) > 1
     # what the train engineer gets from the collator
     batch = CausalLMCollator(pad_token_id=tokenizer.pad_token_id)([train[0], train[1]])
     assert set(batch) == {"input_ids", "labels", "position_ids"}

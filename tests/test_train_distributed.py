@@ -107,6 +107,10 @@ def test_two_processes_under_torchrun_match_one_process_with_doubled_accumulatio
     ma, mb = (json.loads((r / "metrics" / "train.json").read_text()) for r in (one, two))
     assert mb["eval_loss"] == pytest.approx(ma["eval_loss"], abs=1e-5)
     assert mb["tokens"] == ma["tokens"]  # tokens counted over both ranks
+    # supervised tokens per source (the MLflow curves) are summed over both ranks too
+    seen = [json.loads((r / "artifacts" / "checkpoints" / "checkpoint-4" / "trainer_state.json").read_text())
+            ["stateful_callbacks"]["SourceTokensSeen"]["attributes"]["seen"] for r in (one, two)]
+    assert seen[0] == seen[1] and set(seen[0]) == {"orca-chat", "fanfics"} and all(v > 0 for v in seen[0].values())
     lrs_two = {h["step"]: h["learning_rate"] for h in _history(two, 4) if "learning_rate" in h}
     assert lrs_two == {h["step"]: h["learning_rate"] for h in _history(one, 4) if "learning_rate" in h}
 

@@ -67,3 +67,15 @@ def test_killed_runs_resume_to_identical_weights(tmp_path, train_inputs, trackin
     assert different == [], f"{len(different)} tensors differ after resume, e.g. {different[:3]}"
     ref_metrics = json.loads((reference / "metrics" / "train.json").read_text())
     assert metrics["eval_loss"] == ref_metrics["eval_loss"] and metrics["tokens"] == ref_metrics["tokens"]
+    # the per-source curves count on across the resumes: they end where the uninterrupted run's end
+    import mlflow
+
+    c = mlflow.MlflowClient(tracking_uri=tracking_store["uri"])
+    ref_id = json.loads((reference / "metrics" / "mlflow_run.json").read_text())["run_id"]
+    for source in ("orca-chat", "fanfics"):
+        key = f"supervised_tokens_seen/{source}"
+
+        def final(rid, key=key):
+            return max(((m.step, m.timestamp, m.value) for m in c.get_metric_history(rid, key)))[::2]
+
+        assert final(run_id) == final(ref_id) and final(run_id)[0] == 6

@@ -84,6 +84,40 @@ def test_metrics_eval_per_source_and_logged_schedule(trained):
     assert lrs[3] == pytest.approx(1.5e-3)  # half-way through the linear warm-up of W=2 (DeepSpeed's indexing)
 
 
+def _history(store, run_id: str, key: str) -> list[tuple[int, float]]:
+    import mlflow
+
+    hist = mlflow.MlflowClient(tracking_uri=store["uri"]).get_metric_history(run_id, key)
+    return [(m.step, m.value) for m in sorted(hist, key=lambda m: (m.step, m.timestamp))]
+
+
+def test_mlflow_curves_grad_norm_tokens_per_second_and_supervised_tokens_per_source(trained, tracking_store):
+    """The run's training curves: loss, lr, grad norm, tokens/s at every logged step, and the supervised tokens seen
+    per source, which end at exactly the supervised tokens of each source's train rows (all 24 rows seen once)."""
+    from datasets import load_from_disk
+
+    cfg, layout, _ = trained
+    run_id = json.loads(layout.train_run.read_text())["run_id"]
+    for key in ("loss", "learning_rate", "grad_norm"):
+        assert [step for step, _ in _history(tracking_store, run_id, key)] == [1, 2, 3, 4, 5, 6], key
+    speed = _history(tracking_store, run_id, "tokens_per_second")
+    # between log events from step 2 on, then the whole run's average from train.json at the last step
+    assert [step for step, _ in speed] == [2, 3, 4, 5, 6, 6] and all(v > 0 for _, v in speed)
+    assert speed[-1][1] == json.loads(layout.train_metrics.read_text())["tokens_per_second"]
+    rows = load_from_disk(str(layout.tokenized_train))
+    expected: dict[str, int] = {}
+    for source, labels in zip(rows["source"], rows["labels"], strict=True):
+        expected[source] = expected.get(source, 0) + sum(1 for x in labels if x != -100)
+    assert set(expected) == {"orca-chat", "fanfics"}
+    for source, total in expected.items():
+        curve = _history(tracking_store, run_id, f"supervised_tokens_seen/{source}")
+        values = [v for _, v in curve]
+        assert values == sorted(values) and 0 < values[0] < total, source
+        assert curve[-1] == (6, total), source
+    state = json.loads((layout.checkpoints / "checkpoint-6" / "trainer_state.json").read_text())
+    assert state["stateful_callbacks"]["SourceTokensSeen"]["attributes"]["seen"] == expected  # resumes count on
+
+
 def test_checkpoints_are_marked_and_rotated(trained):
     cfg, layout, _ = trained
     names = [p.name for p in list_checkpoints(layout.checkpoints)]
@@ -182,3 +216,8 @@ def test_packed_rows_train_and_count_only_real_tokens(tmp_path, train_inputs, tr
     assert "(packing True)" in capsys.readouterr().out
     m = json.loads(Layout.from_config(cfg).train_metrics.read_text())
     assert m["global_step"] == steps and m["tokens"] == real
+    # packed rows name their examples' sources: the per-source curves end at each source's supervised tokens
+    run_id = json.loads(Layout.from_config(cfg).train_run.read_text())["run_id"]
+    for source in ("orca-chat", "fanfics"):
+        total = sum(sum(1 for x in e["labels"] if x != -100) for e in examples if e["source"] == source)
+        assert _history(tracking_store, run_id, f"supervised_tokens_seen/{source}")[-1] == (steps, total)

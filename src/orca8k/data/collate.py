@@ -14,7 +14,9 @@
   with a cache, transformers 5.24 skips the packed-sequence detection and attention would cross examples.
 
 Output (all `torch.long`, `[batch, seq_len]`): `input_ids`, `labels` (-100 where no loss), `position_ids`, and
-`attention_mask` for examples only. Count supervised tokens as `(labels != -100).sum()` (position 0 of every
+`attention_mask` for examples only. With `sources` set and rows that name theirs (an example's `source`, a packed
+row's `sources`, one per example), also `supervised_tokens_by_source` (`[len(sources)]`: the batch's supervised
+tokens per source, for the training curves; pop it before the forward). Count supervised tokens as `(labels != -100).sum()` (position 0 of every
 example is -100, so this equals the number of shifted targets HF's loss uses, and `num_items_in_batch` in the
 Trainer).
 """
@@ -25,7 +27,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
+import numpy as np
+
 from orca8k.data.chat_format import IGNORE_INDEX
+
+SOURCE_TOKENS_KEY = "supervised_tokens_by_source"
 
 if TYPE_CHECKING:
     import torch
@@ -40,6 +46,8 @@ class CausalLMCollator:
         padding_side: "right" (training) or "left"; packed rows are always right-padded.
         pad_to_multiple_of: round `seq_len` up to a multiple of this (tensor-core friendly); None: the longest row.
         max_length: if set, a row longer than this raises (a guard against an upstream bug; rows are never cut here).
+        sources: if set, count each batch's supervised tokens per source into `supervised_tokens_by_source` (in this
+            order) from the rows' `source` (examples) or `sources` (packed rows: one name per example, in order).
 
     Raises (on call):
         ValueError: an empty batch, rows mixing packed and unpacked form, `input_ids`/`labels`/`position_ids` of
@@ -50,6 +58,7 @@ class CausalLMCollator:
     padding_side: Literal["right", "left"] = "right"
     pad_to_multiple_of: int | None = None
     max_length: int | None = None
+    sources: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
         if self.padding_side not in ("right", "left"):
@@ -70,6 +79,7 @@ class CausalLMCollator:
                 raise ValueError(f"collate: row {i}: input_ids, labels and position_ids differ in length")
             if self.max_length is not None and len(ids) > self.max_length:
                 raise ValueError(f"collate: row {i} has {len(ids)} tokens > max_length={self.max_length}")
+        by_source = self._by_source(features, rows) if self.sources is not None else None
         seq_len = max(len(r[0]) for r in rows)
         if self.pad_to_multiple_of:
             seq_len = -(-seq_len // self.pad_to_multiple_of) * self.pad_to_multiple_of
@@ -84,7 +94,8 @@ class CausalLMCollator:
                 labels[i, :n] = torch.tensor(lab, dtype=torch.long)
                 position_ids[i, :n] = torch.tensor(pos, dtype=torch.long)
                 position_ids[i, n:] = torch.arange(seq_len - n)  # the padding: one more pseudo-example
-            return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids}
+            out = {"input_ids": input_ids, "labels": labels, "position_ids": position_ids}
+            return out if by_source is None else {**out, SOURCE_TOKENS_KEY: by_source}
         attention_mask = torch.zeros((batch, seq_len), dtype=torch.long)
         for i, (ids, lab, _) in enumerate(rows):
             n = len(ids)
@@ -93,7 +104,35 @@ class CausalLMCollator:
             labels[i, span] = torch.tensor(lab, dtype=torch.long)
             attention_mask[i, span] = 1
             position_ids[i, span] = torch.arange(n)
-        return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask, "position_ids": position_ids}
+        out = {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask, "position_ids": position_ids}
+        return out if by_source is None else {**out, SOURCE_TOKENS_KEY: by_source}
+
+    def _by_source(self, features: Sequence[dict[str, Any]], rows: list) -> torch.Tensor | None:
+        """Supervised tokens per source of the batch (`[len(sources)]`), or None when the rows name no source."""
+        import torch
+
+        index = {name: i for i, name in enumerate(self.sources or ())}
+        counts = np.zeros(len(index), dtype=np.int64)
+        for i, (f, (_, labels, pos)) in enumerate(zip(features, rows, strict=True)):
+            supervised = (np.asarray(labels) != IGNORE_INDEX).astype(np.int64)
+            if pos is None:
+                if f.get("source") is None:
+                    return None
+                names, per_example = [f["source"]], [int(supervised.sum())]
+            else:
+                if f.get("sources") is None:
+                    return None
+                starts = np.flatnonzero(np.asarray(pos) == 0)
+                if starts.size == 0 or starts[0] != 0:
+                    raise ValueError(f"collate: row {i}: position_ids do not start at 0")
+                names, per_example = list(f["sources"]), np.add.reduceat(supervised, starts).tolist()
+                if len(names) != len(per_example):
+                    raise ValueError(f"collate: row {i}: {len(names)} sources for {len(per_example)} packed examples")
+            for name, n in zip(names, per_example, strict=True):
+                if name not in index:
+                    raise ValueError(f"collate: row {i}: source {name!r} not in {sorted(index)}")
+                counts[index[name]] += n
+        return torch.from_numpy(counts)
 
 
 def causal_lm_loss(outputs: Any, labels: torch.Tensor, num_items_in_batch: torch.Tensor | int | None = None

@@ -73,12 +73,14 @@ def pack_table(table: pa.Table, max_length: int) -> pa.Table:
     """Pack the examples of an Arrow table (`input_ids`, `labels` list columns) into rows of ≤ `max_length` tokens.
 
     Args:
-        table: one example per row; `input_ids` and `labels` of equal length per row; other columns are dropped.
+        table: one example per row; `input_ids` and `labels` of equal length per row; an optional `source` (string)
+            column; other columns are dropped.
         max_length: tokens per packed row.
 
     Returns:
         A table with `input_ids`, `labels`, `position_ids` (`list<int32>`, restarting at 0 at each example) and
-        `num_examples` (`int32`), one row per bin of `plan_bins`, in bin order.
+        `num_examples` (`int32`), one row per bin of `plan_bins`, in bin order; with a `source` column in `table`,
+        also `sources` (`list<string>`: each example's source, in the row's order) for per-source token counts.
 
     Raises:
         ValueError: `input_ids` and `labels` differ in length somewhere, or an example exceeds `max_length`.
@@ -107,24 +109,32 @@ def pack_table(table: pa.Table, max_length: int) -> pa.Table:
     def ragged(values: np.ndarray) -> pa.Array:
         return pa.ListArray.from_arrays(row_offsets, pa.array(values.astype(np.int32)))
 
-    return pa.table({
+    columns = {
         "input_ids": ragged(packed_ids),
         "labels": ragged(packed_labels),
         "position_ids": ragged(positions),
         "num_examples": pa.array(per_bin.astype(np.int32)),
-    })
+    }
+    if "source" in table.column_names:
+        names = table.column("source").combine_chunks().take(pa.array(order))
+        example_offsets = pa.array(np.concatenate([[0], np.cumsum(per_bin)]).astype(np.int32))
+        columns["sources"] = pa.ListArray.from_arrays(example_offsets, names)
+    return pa.table(columns)
 
 
 def pack_examples(examples: Sequence[dict[str, Sequence[int]]], max_length: int) -> list[dict[str, list[int]]]:
-    """`pack_table` for a list of `{"input_ids", "labels"}` dicts (tests, small data).
+    """`pack_table` for a list of `{"input_ids", "labels"}` dicts (tests, small data); when every example has a
+    `source`, the packed rows get `sources`.
 
     Returns:
-        Packed rows `{"input_ids", "labels", "position_ids", "num_examples"}`.
+        Packed rows `{"input_ids", "labels", "position_ids", "num_examples"}` (+ `sources`).
     """
     import pyarrow as pa
 
-    table = pa.table({
+    columns = {
         "input_ids": pa.array([list(e["input_ids"]) for e in examples], pa.list_(pa.int32())),
         "labels": pa.array([list(e["labels"]) for e in examples], pa.list_(pa.int32())),
-    })
-    return pack_table(table, max_length).to_pylist()
+    }
+    if examples and all(e.get("source") is not None for e in examples):
+        columns["source"] = pa.array([str(e["source"]) for e in examples], pa.string())
+    return pack_table(pa.table(columns), max_length).to_pylist()

@@ -7,7 +7,8 @@ base tokenizer (`orca8k.model.base.resolve_base`). Writes:
 - `layout.tokenized_val`: one example per row (`datasets.save_to_disk`), columns `id` (`{row_id}#{part}`),
   `row_id`, `source`, `kind`, `part`, `parts`, `input_ids`, `labels`, `assistant_turns`, `cut_tokens`;
 - `layout.tokenized_train`: the same columns, or with `tokenize.packing` packed rows `input_ids`, `labels`,
-  `position_ids`, `num_examples` (`orca8k.data.packing`);
+  `position_ids`, `num_examples`, `sources` (each example's source, for train's per-source token curves;
+  `orca8k.data.packing`);
 - `layout.tokenize_dropped`: examples dropped for having no supervised token (JSON lines, with the reason);
 - `layout.token_validation`: the token-level suite (`orca8k.validation.token_suite`: result JSON + Data Docs); a
   failing check stops the stage with `ValidationFailed`;
@@ -273,7 +274,7 @@ def _pack(examples: Dataset, max_length: int, work: Path) -> Dataset:
 
     path = work / "train-packed.arrow"
     writer = None
-    source = examples.select_columns(["input_ids", "labels"]).with_format("arrow")
+    source = examples.select_columns(["input_ids", "labels", "source"]).with_format("arrow")  # sources: curves
     for shard in source.iter(batch_size=PACK_SHARD_EXAMPLES):
         packed = pack_table(shard, max_length)
         if writer is None:

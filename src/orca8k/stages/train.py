@@ -89,7 +89,7 @@ def train(cfg: Config, layout: Layout) -> dict[str, Any]:
     if resume is not None:
         tokens_before = int(json.loads((resume / "trainer_state.json").read_text()).get("num_input_tokens_seen", 0))
     with tracking.train_run(cfg, layout, resume=resume is not None) as run:
-        trainer.add_callback(tracking.MlflowCurvesCallback(run))
+        trainer.add_callback(tracking.MlflowCurvesCallback(run, extra_metrics=trainer.source_tokens.metrics))
         output = trainer.train(resume_from_checkpoint=str(resume) if resume is not None else None)
         train_seconds = float(output.metrics["train_runtime"])  # the training loop, evals included, setup not
         state = trainer.state

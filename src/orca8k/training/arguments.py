@@ -190,6 +190,7 @@ def training_arguments(cfg: Config, layout: Layout, ds_config: dict[str, Any] | 
         dataloader_num_workers=t.dataloader_num_workers,
         average_tokens_across_devices=True,
         include_num_input_tokens_seen="no",  # counted by Orca8kTrainer (pad = eos: HF's count would drop </s>)
+        remove_unused_columns=False,  # the collator reads what it needs; `source`/`sources` feed the per-source curves
         use_cpu=not torch.cuda.is_available(),
         report_to="none",
         disable_tqdm=True,

@@ -79,6 +79,20 @@ def single_process_distributed_env() -> dict[str, str]:
     return env
 
 
+def train_sources(train_ds) -> tuple[str, ...] | None:
+    """The sources named by the train rows (`source` of examples, `sources` of packed rows), sorted; None when the
+    rows name none (data tokenized before packed rows carried their sources)."""
+    import pyarrow.compute as pc
+
+    if "source" in train_ds.column_names:
+        column = train_ds.data.column("source")
+    elif "sources" in train_ds.column_names:
+        column = pc.list_flatten(train_ds.data.column("sources"))
+    else:
+        return None
+    return tuple(sorted(str(v) for v in pc.unique(column).to_pylist() if v is not None))
+
+
 def build_trainer(cfg: Config, layout: Layout) -> TrainSetup:
     """Load inputs, check the setup and build the trainer with its callbacks (see the module docstring).
 
@@ -105,7 +119,7 @@ def build_trainer(cfg: Config, layout: Layout) -> TrainSetup:
     from orca8k.training.callbacks import CheckpointCallback, FactsCallback, GuardCallback, LogPrinterCallback
     from orca8k.training.data import eval_sets_by_source, load_tokenized
     from orca8k.training.facts import count_tokens, counts_from_metrics, derived_facts, format_facts
-    from orca8k.training.trainer import Orca8kTrainer
+    from orca8k.training.trainer import Orca8kTrainer, SourceTokensSeen
 
     hf_logging.disable_progress_bar()
     t = cfg.train
@@ -138,10 +152,18 @@ def build_trainer(cfg: Config, layout: Layout) -> TrainSetup:
         config.pad_token_id, config.bos_token_id, config.eos_token_id = (
             tokenizer.pad_token_id, tokenizer.bos_token_id, tokenizer.eos_token_id)
 
+    sources = train_sources(train_ds)
+    if sources is None and is_main():
+        print("[train] the train rows name no source (tokenized before per-source counts): no "
+              "supervised_tokens_seen/<source> curves", flush=True)
+    seen = (SourceTokensSeen.from_trainer_state(json.loads((resume / "trainer_state.json").read_text()))
+            if resume is not None else SourceTokensSeen())  # a resumed run counts on from its checkpoint
     trainer = Orca8kTrainer(
         model=model, args=args, train_dataset=train_ds, eval_dataset=eval_sets,
-        data_collator=CausalLMCollator(pad_token_id=tokenizer.pad_token_id, max_length=cfg.tokenize.max_length),
+        data_collator=CausalLMCollator(pad_token_id=tokenizer.pad_token_id, max_length=cfg.tokenize.max_length,
+                                       sources=sources),
         processing_class=tokenizer, compute_loss_func=causal_lm_loss, warmup_shape=t.warmup_shape,
+        source_tokens=seen,
     )
     trainer.remove_callback(PrinterCallback)  # replaced by LogPrinterCallback (one line per log, rank 0)
     guard = GuardCallback(trainer, t.max_seconds)

@@ -12,6 +12,9 @@
    length.
 4. The logged `learning_rate` is the rate the logged step applied, with or without DeepSpeed (HF logs the next
    step's under DeepSpeed, whose engine steps the scheduler inside backward).
+5. The supervised tokens trained per source (the collator's `supervised_tokens_by_source`, summed over ranks) add
+   up in `source_tokens` (`SourceTokensSeen`, saved with each checkpoint's trainer state) for the MLflow curves
+   `supervised_tokens_seen/<source>`.
 
 The training loss itself is HF's: with `compute_loss_func` (the collator owner's `causal_lm_loss`) and
 `average_tokens_across_devices`, the Trainer divides the summed log-loss of every micro-batch by the supervised
@@ -24,10 +27,42 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from transformers import Trainer
+from transformers import Trainer, TrainerCallback
+from transformers.trainer_callback import ExportableState
 
 from orca8k.data.chat_format import IGNORE_INDEX
+from orca8k.data.collate import SOURCE_TOKENS_KEY
 from orca8k.training.schedule import make_lr_scheduler
+
+SOURCE_TOKENS_STATE = "SourceTokensSeen"  # its key in a checkpoint's trainer_state.json `stateful_callbacks`
+
+
+class SourceTokensSeen(TrainerCallback, ExportableState):
+    """Supervised tokens trained so far per source (all ranks), saved in each checkpoint's trainer state.
+
+    Args:
+        seen: the counts to start from (a resumed run: `from_trainer_state` of its checkpoint).
+    """
+
+    def __init__(self, seen: dict[str, int] | None = None):
+        self.seen: dict[str, int] = dict(seen or {})
+
+    def add(self, sources: tuple[str, ...], counts: list[int]) -> None:
+        for name, n in zip(sources, counts, strict=True):
+            self.seen[name] = self.seen.get(name, 0) + int(n)
+
+    def metrics(self) -> dict[str, int]:
+        """`{"supervised_tokens_seen/<source>": n}` for the MLflow curves."""
+        return {f"supervised_tokens_seen/{name}": n for name, n in sorted(self.seen.items())}
+
+    def state(self) -> dict:
+        return {"args": {}, "attributes": {"seen": dict(self.seen)}}
+
+    @classmethod
+    def from_trainer_state(cls, trainer_state: dict) -> SourceTokensSeen:
+        """The counts saved in a checkpoint's `trainer_state.json` (none saved: zero)."""
+        saved = (trainer_state.get("stateful_callbacks") or {}).get(SOURCE_TOKENS_STATE) or {}
+        return cls({str(k): int(v) for k, v in ((saved.get("attributes") or {}).get("seen") or {}).items()})
 
 
 def real_token_count(inputs: dict[str, torch.Tensor], pad_token_id: int) -> torch.Tensor:
@@ -81,9 +116,12 @@ class Orca8kTrainer(Trainer):
         *args, **kwargs: as for `transformers.Trainer`; `eval_dataset` should be a dict `{source: Dataset}`.
     """
 
-    def __init__(self, *args: Any, warmup_shape: str, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, warmup_shape: str, source_tokens: SourceTokensSeen | None = None,
+                 **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.warmup_shape = warmup_shape
+        self.source_tokens = source_tokens if source_tokens is not None else SourceTokensSeen()
+        self.add_callback(self.source_tokens)  # exported into every checkpoint's trainer state
         self.nonfinite_loss: float | None = None  # last non-finite micro-batch loss since the guard looked
         self.step_learning_rate: float | None = None  # the LR the current optimiser step uses
         self._step_starts = True  # the next micro-batch is the first of an optimiser step
@@ -114,6 +152,10 @@ class Orca8kTrainer(Trainer):
         if self._step_starts:  # before any backward of this step: the LR the optimiser will apply
             self.step_learning_rate = float(self.optimizer.param_groups[0]["lr"])
         self._step_starts = self.accelerator.gradient_state.sync_gradients  # set by the loop before this call
+        by_source = inputs.pop(SOURCE_TOKENS_KEY, None)
+        if by_source is not None:  # [n_sources] on every rank, in the collator's `sources` order
+            total = self.accelerator.gather(by_source.to(self.args.device)).reshape(-1, by_source.numel()).sum(0)
+            self.source_tokens.add(self.data_collator.sources, total.tolist())
         tokens = real_token_count(inputs, self.processing_class.pad_token_id).to(self.args.device)
         self.state.num_input_tokens_seen += int(self.accelerator.gather(tokens).sum())  # all ranks
         loss = super().training_step(model, inputs, num_items_in_batch)
@@ -135,6 +177,7 @@ class Orca8kTrainer(Trainer):
         count = torch.zeros((), dtype=torch.int64)
         for inputs in loader:
             inputs = self._prepare_inputs(inputs)
+            inputs.pop(SOURCE_TOKENS_KEY, None)  # training curves only
             labels = inputs.pop("labels")
             logits = model(**inputs, use_cache=False).logits  # [batch, seq_len, vocab]
             sums, counts = supervised_loss_sums(logits, labels)

@@ -94,6 +94,28 @@ def test_loaded_model_keeps_dtype_rope_tokenizer_and_weights(first, tracking_sto
     assert tok(text, add_special_tokens=False).input_ids == tokenizer(text, add_special_tokens=False).input_ids
 
 
+def test_readme_consumer_snippets_pyfunc_and_lineage_by_alias(first, tracking_store, monkeypatch):
+    """The README's Python consumers: a generic pyfunc applies the OA prompt template (same greedy reply as the
+    transformers components fed the OA prompt by hand), and the champion's lineage and gate reasons read by alias."""
+    import mlflow
+
+    for key in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI"):
+        monkeypatch.setenv(key, tracking_store["uri"])
+    mlflow.set_tracking_uri(tracking_store["uri"])
+    mlflow.set_registry_uri(tracking_store["uri"])
+    params = {"max_new_tokens": 6, "do_sample": False}
+    [reply] = mlflow.pyfunc.load_model("models:/tiny-chat@champion").predict([PROMPTS[0]], params=params)
+    parts = mlflow.transformers.load_model("models:/tiny-chat@champion", return_type="components")
+    model, tok = parts["model"], parts["tokenizer"]
+    ids = tok(f"<s><|prompter|>{PROMPTS[0]}</s><|assistant|>", add_special_tokens=False, return_tensors="pt")
+    by_hand = tok.decode(model.generate(**ids, **params)[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
+    assert isinstance(reply, str) and reply.strip() == by_hand.strip()
+    v = mlflow.MlflowClient().get_model_version_by_alias("tiny-chat", "champion")
+    assert (str(v.version), v.run_id) == ("1", first["run_id"])
+    assert json.loads(v.tags["gate.reasons"]) == first["metrics"]["reasons"]
+    assert v.tags["lineage.mix_hash"] == "unknown" and len(v.tags["lineage.git_commit"]) == 40
+
+
 def test_model_folder_carries_card_and_generation_config(first, tracking_store):
     from orca8k.config import load_config
     from orca8k.tracking.registry import resolve_model_dir

@@ -48,11 +48,11 @@ def test_packed_rows_name_their_sources_and_the_collator_counts_supervised_token
     lengths = [5, 9, 3, 7, 2, 8, 1, 4]
     names = ["a", "b", "a", "c", "b", "a", "c", "a"]
     examples = [{"input_ids": [1] + [10 + k] * (n - 1), "labels": [IGNORE_INDEX] + [10 + k] * (n - 1), "source": s}
-                for k, (n, s) in enumerate(zip(lengths, names))]
+                for k, (n, s) in enumerate(zip(lengths, names, strict=True))]
     rows = pack_examples(examples, 10)
     assert [r["sources"] for r in rows] == [["b", "c"], ["a", "b"], ["c", "a"], ["a", "a"]]  # bins [[1,6],[5,4],[3,2],[0,7]]
     collate = CausalLMCollator(pad_token_id=2, sources=("a", "b", "c"))
-    supervised = {s: sum(n - 1 for n, x in zip(lengths, names) if x == s) for s in "abc"}  # position 0 unsupervised
+    supervised = {s: sum(n - 1 for n, x in zip(lengths, names, strict=True) if x == s) for s in "abc"}  # position 0 unsupervised
     assert collate(rows)[SOURCE_TOKENS_KEY].tolist() == [supervised["a"], supervised["b"], supervised["c"]] == [16, 9, 6]
     assert collate(examples)[SOURCE_TOKENS_KEY].tolist() == [16, 9, 6]
     assert collate(rows[:1])[SOURCE_TOKENS_KEY].tolist() == [0, 8, 0]  # example 1 (b, 8) + example 6 (c, 0)

@@ -76,6 +76,6 @@ def test_killed_runs_resume_to_identical_weights(tmp_path, train_inputs, trackin
         key = f"supervised_tokens_seen/{source}"
 
         def final(rid, key=key):
-            return max(((m.step, m.timestamp, m.value) for m in c.get_metric_history(rid, key)))[::2]
+            return max((m.step, m.timestamp, m.value) for m in c.get_metric_history(rid, key))[::2]
 
         assert final(run_id) == final(ref_id) and final(run_id)[0] == 6

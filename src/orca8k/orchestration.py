@@ -9,22 +9,37 @@ testable without Prefect:
   may ask at once) and return its content hash from `dvc.lock`.
 - `stage_fingerprint`: a content key for a stage — the hash of the exact params keys and the *content* of the deps
   that `dvc.yaml` declares for it (never a path alone), so a cache hit means the same inputs, code and params.
+- `stage_cache_policy`: Prefect's cache policy for stage tasks keyed on that fingerprint, SERIALIZABLE with a file
+  lock manager: two flow runs that need the same key compute it once, the other waits and reads the result.
+- `run_supervised`: run a launcher (torchrun/deepspeed) as a child process group that dies with the flow process
+  and is killed as a whole when the flow run is cancelled.
 """
 
 from __future__ import annotations
 
+import ctypes
 import fcntl
 import hashlib
 import json
+import logging
 import os
 import re
-from collections.abc import Iterator
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
+from prefect.cache_policies import CacheKeyFnPolicy, CachePolicy
+from prefect.locking.filesystem import FileSystemLockManager
+from prefect.transactions import IsolationLevel
 
 from orca8k.config import Config, apply_overrides, config_from_dict, read_params
 from orca8k.errors import ConfigError, Orca8kError
@@ -269,3 +284,196 @@ def host_concurrency_name() -> str:
     """Name of the global concurrency limit that keeps two trainings off one host (`train-<hostname>`)."""
     host = re.sub(r"[^A-Za-z0-9_-]", "-", os.uname().nodename)
     return f"train-{host}"
+
+
+# ------------------------------------------------------------------------------------------- cache + locks
+def cache_dir(repo_root: Path) -> Path:
+    """Where the flow keeps task results and cache locks: `runs/.prefect/` in the repository, beside the outputs the
+    results point at (deleting `runs/` drops both; a shared volume shares both)."""
+    return repo_root.resolve() / "runs" / ".prefect"
+
+
+class ProcessFileLockManager(FileSystemLockManager):
+    """Prefect's `FileSystemLockManager`, whose lock files also name the holding process (host, pid).
+
+    Prefect releases a cache lock when the task ends, fails or is cancelled (SIGTERM). A process killed outright
+    (SIGKILL, the OOM killer) leaves its lock file behind, and every later run would wait on it forever: a lock
+    held by a process of this host that no longer exists is stale and is removed (logged). Locks of other hosts
+    (a shared volume) are left alone.
+    """
+
+    def acquire_lock(self, key: str, holder: str, acquire_timeout: float | None = None,
+                     hold_timeout: float | None = None) -> bool:
+        acquired = super().acquire_lock(key, holder, acquire_timeout, hold_timeout)
+        if acquired:
+            self._stamp(key)
+        return acquired
+
+    async def aacquire_lock(self, key: str, holder: str, acquire_timeout: float | None = None,
+                            hold_timeout: float | None = None) -> bool:
+        acquired = await super().aacquire_lock(key, holder, acquire_timeout, hold_timeout)
+        if acquired:
+            self._stamp(key)
+        return acquired
+
+    def _stamp(self, key: str) -> None:
+        path = self._lock_path_for_key(key)
+        info = json.loads(path.read_bytes())
+        info.update(host=socket.gethostname(), pid=os.getpid())
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(info), encoding="utf-8")
+        os.replace(tmp, path)
+
+    def is_locked(self, key: str, use_cache: bool = False) -> bool:
+        if not use_cache:
+            self._remove_if_stale(key)
+        return super().is_locked(key, use_cache=use_cache)
+
+    def _remove_if_stale(self, key: str) -> None:
+        path = self._lock_path_for_key(key)
+        if not path.is_file():
+            return
+        with file_lock(self.lock_files_directory / ".stale-check.lock"):  # one process decides at a time
+            try:
+                info = json.loads(path.read_bytes())
+            except (OSError, ValueError):
+                return  # gone, or being written (a live holder): not stale
+            if info.get("host") != socket.gethostname() or not isinstance(info.get("pid"), int):
+                return
+            if _pid_alive(info["pid"]):
+                return
+            logging.getLogger("orca8k.orchestration").warning(
+                "cache lock %s: holder pid %s on this host is gone; removing the stale lock", path, info["pid"])
+            path.unlink(missing_ok=True)
+            self._locks.pop(key, None)
+
+
+def _pid_alive(pid: int) -> bool:
+    """True while process `pid` exists and is not a zombie."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return True
+    return state != "Z"
+
+
+def stage_cache_policy(key_fn: Callable[[Any, dict[str, Any]], str | None], repo_root: Path) -> CachePolicy:
+    """Prefect cache policy of the stage tasks: the key is `key_fn`'s (content-based), isolation SERIALIZABLE with
+    file locks in `runs/.prefect/locks/`, so concurrent flow runs needing the same key compute it once: the first
+    holds the lock while it runs, the others wait and then read its committed result (state `Cached`)."""
+    return CacheKeyFnPolicy(cache_key_fn=key_fn).configure(
+        isolation_level=IsolationLevel.SERIALIZABLE,
+        lock_manager=ProcessFileLockManager(cache_dir(repo_root) / "locks"),
+    )
+
+
+# ------------------------------------------------------------------------------------- supervised children
+PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent(parent_pid: int) -> Callable[[], None]:
+    """preexec_fn (Linux): the child gets SIGTERM when the thread that started it dies; if the parent is already
+    gone (it died between fork and prctl), the child stops at once."""
+
+    prctl = ctypes.CDLL(None, use_errno=True).prctl  # looked up before the fork; only called in the child
+
+    def preexec() -> None:
+        prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+        if os.getppid() != parent_pid:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    return preexec
+
+
+def terminate_group(proc: subprocess.Popen, grace_seconds: float) -> None:
+    """SIGTERM the child's process group, wait up to `grace_seconds` for the group to empty, then SIGKILL it."""
+    pgid = proc.pid
+    try:
+        os.killpg(pgid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    deadline = time.monotonic() + grace_seconds
+    while time.monotonic() < deadline:
+        proc.poll()  # reap the leader
+        if not _group_alive(pgid):
+            break
+        time.sleep(0.1)
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    try:
+        proc.wait(timeout=grace_seconds)
+    except subprocess.TimeoutExpired:  # pragma: no cover - SIGKILL cannot be ignored
+        pass
+
+
+def _group_alive(pgid: int) -> bool:
+    """True while a non-zombie process of group `pgid` exists (zombies count as gone)."""
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            return True
+    return False
+
+
+def run_supervised(
+    cmd: Sequence[str],
+    *,
+    cwd: str | Path | None = None,
+    env: dict[str, str] | None = None,
+    grace_seconds: float = 30.0,
+    capture_stdout: bool = False,
+) -> subprocess.CompletedProcess:
+    """Run `cmd` (e.g. a torchrun/deepspeed launcher) as a supervised child and wait for it.
+
+    - The child leads a new session/process group (`start_new_session`), so its workers share one group id.
+    - On Linux it gets `PR_SET_PDEATHSIG` = SIGTERM: it is stopped when this process dies, even by SIGKILL (a
+      launcher stops its own workers on SIGTERM).
+    - SIGTERM or SIGINT to this process (Prefect's cancellation, Ctrl-C) terminates the whole group (SIGTERM, then
+      SIGKILL after `grace_seconds`), then goes on to the handler that was installed before (Prefect's), or raises
+      `SystemExit(128 + signum)` / `KeyboardInterrupt`. Handlers are installed from the main thread only (Python's
+      rule); elsewhere the death signal and the `finally` below still stop the group.
+
+    Returns:
+        The completed process (`stdout` set when `capture_stdout`; stderr always goes to this process's stderr).
+
+    Raises:
+        subprocess.CalledProcessError: the child exited with a non-zero status (`returncode`, `cmd`, `output`).
+    """
+    preexec = _die_with_parent(os.getpid()) if sys.platform.startswith("linux") else None
+    proc = subprocess.Popen(list(cmd), cwd=cwd, env=env, start_new_session=True, preexec_fn=preexec,
+                            stdout=subprocess.PIPE if capture_stdout else None, text=True)
+    previous: dict[int, Any] = {}
+
+    def on_signal(signum: int, frame: Any) -> None:
+        terminate_group(proc, grace_seconds)
+        handler = previous.get(signum)
+        if callable(handler):
+            handler(signum, frame)
+        if signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        raise SystemExit(128 + signum)
+
+    if threading.current_thread() is threading.main_thread():
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            previous[signum] = signal.signal(signum, on_signal)
+    try:
+        out, _ = proc.communicate()
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        if proc.poll() is None:  # left by an exception (or a handler that returned): stop the group
+            terminate_group(proc, grace_seconds)
+    if proc.returncode != 0:
+        raise subprocess.CalledProcessError(proc.returncode, list(cmd), output=out)
+    return subprocess.CompletedProcess(list(cmd), proc.returncode, stdout=out)

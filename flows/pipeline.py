@@ -11,10 +11,8 @@ small results. Run-directory set-up, the DVC mix and the content keys live in `o
 
 from __future__ import annotations
 
-import os
-import signal
+import json
 import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -25,13 +23,18 @@ from prefect.concurrency.sync import concurrency
 from prefect.runtime import flow_run
 
 from orca8k.config import load_config
+from orca8k.errors import TrainingError
 from orca8k.orchestration import (
+    cache_dir,
     find_repo_root,
     host_concurrency_name,
+    is_transient_failure,
     knob_overrides,
     outputs_exist,
     prepare_run,
     reproduce_mix,
+    run_supervised,
+    stage_cache_policy,
     stage_fingerprint,
 )
 from orca8k.stages import run_stage
@@ -52,46 +55,38 @@ def stage_cache_key(context: Any, parameters: dict[str, Any]) -> str:
     return f"{parameters['stage']}-{parameters['scope']}-{stage_fingerprint(parameters['stage'], cfg, _repo())}"
 
 
-@task(cache_key_fn=stage_cache_key, persist_result=True, result_serializer="json")
+@task(persist_result=True, result_serializer="json")
 def stage_task(stage: str, params_file: str, scope: str) -> dict[str, Any]:
     """Run one pipeline stage on a run's params file; returns the stage's outputs and summary (paths, numbers)."""
     cfg = load_config(params_file)
     if stage == "train" and cfg.train.world_size > 1:
-        return _train_subprocess(params_file)
+        return _train_processes(cfg, params_file)
     result = run_stage(stage, cfg)
     get_run_logger().info(result.describe())
     return result.to_dict()
 
 
-def _train_subprocess(params_file: str) -> dict[str, Any]:
-    """Several processes: run `orca8k train` (which relaunches itself under torchrun/deepspeed) as a child whose
-    whole process group is killed when this task is cancelled (SIGTERM) or its process dies (PDEATHSIG)."""
+def _train_processes(cfg: Any, params_file: str) -> dict[str, Any]:
+    """Several processes: run the launcher (`torchrun`/`deepspeed`, ranks running `orca8k train`) under
+    `run_supervised`: its process group dies with this process and is killed when the flow run is cancelled."""
+    from orca8k.layout import Layout
+    from orca8k.stages import StageResult
+    from orca8k.stages.train import SUMMARY_KEYS
+    from orca8k.training.launch import launch_command
 
-    def _die_with_parent() -> None:  # Linux: the child gets SIGTERM if the task process dies
-        try:
-            import ctypes
-
-            ctypes.CDLL("libc.so.6").prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-        except OSError:
-            pass
-
-    cmd = [sys.executable, "-m", "orca8k", "train", "--params", params_file, "--json"]
-    child = subprocess.Popen(cmd, cwd=_repo(), start_new_session=True, preexec_fn=_die_with_parent, stdout=subprocess.PIPE, text=True)
-
-    def _stop(signum: int, _frame: Any) -> None:
-        os.killpg(child.pid, signal.SIGTERM)
-        raise SystemExit(128 + signum)
-
-    previous = signal.signal(signal.SIGTERM, _stop)
+    layout = Layout.from_config(cfg)
+    cmd = launch_command(cfg, Path(params_file))
+    get_run_logger().info(f"[train] {cfg.train.world_size} processes: {' '.join(cmd)}")
+    start = time.perf_counter()
     try:
-        out, _ = child.communicate()
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-    if child.returncode != 0:
-        raise RuntimeError(f"orca8k train exited {child.returncode}")
-    import json
-
-    return json.loads(out.strip().splitlines()[-1])
+        run_supervised(cmd, cwd=_repo())
+    except subprocess.CalledProcessError as err:
+        raise TrainingError(f"{cfg.train.launcher} exited with status {err.returncode} (see the ranks' output)") from None
+    metrics = json.loads(layout.train_metrics.read_text())
+    outputs = {"model": layout.model, "checkpoints": layout.checkpoints, "train_metrics": layout.train_metrics,
+               "train_run": layout.train_run}
+    summary = {"launcher": cfg.train.launcher, **{k: metrics.get(k) for k in SUMMARY_KEYS}}
+    return StageResult("train", outputs, summary, time.perf_counter() - start).to_dict()
 
 
 @task(retries=1, retry_delay_seconds=5)
@@ -119,7 +114,17 @@ def _ensure_host_limit() -> str:
 
 
 def _run(stage: str, params_file: Path, scope: str, retries: int = 0) -> dict[str, Any]:
-    opts = stage_task.with_options(name=stage, retries=retries, retry_delay_seconds=5)
+    """One stage task: cached by content (SERIALIZABLE: concurrent runs needing the same key compute it once),
+    results beside the outputs in `runs/.prefect/`, retried only on transient failures (network, MLflow server)."""
+    repo = _repo()
+    opts = stage_task.with_options(
+        name=stage,
+        cache_policy=stage_cache_policy(stage_cache_key, repo),
+        result_storage=cache_dir(repo) / "results",
+        retries=retries,
+        retry_delay_seconds=5,
+        retry_condition_fn=is_transient_failure,
+    )
     result = opts(stage, str(params_file), scope)
     if not outputs_exist(result["outputs"]):  # a cached result whose files were deleted: recompute
         result = opts.with_options(refresh_cache=True)(stage, str(params_file), scope)
@@ -193,8 +198,6 @@ def finetune(
 
 def _publish(name: str, root: Path, evaluate: dict[str, Any], register: dict[str, Any], train: dict[str, Any]) -> dict[str, Any]:
     """Prefect artifacts: the eval table, the gate decision and links to the MLflow run and model version."""
-    import json
-
     cfg = load_config(root / "params.yaml")
     from orca8k.layout import Layout
 

@@ -42,7 +42,7 @@ from prefect.locking.filesystem import FileSystemLockManager
 from prefect.transactions import IsolationLevel
 
 from orca8k.config import Config, apply_overrides, config_from_dict, read_params
-from orca8k.errors import ConfigError, Orca8kError
+from orca8k.errors import ConfigError, Orca8kError, RegistryError
 from orca8k.layout import repo_root as find_repo_root  # noqa: F401  (one definition; the flow imports it from here)
 
 RUN_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
@@ -125,8 +125,9 @@ def prepare_run(
         data["paths"][key] = str(Path(path).resolve())
     for key in ("config_file", "prompts_file"):  # repo-relative inputs stay the repo's
         data["sampling"][key] = str(_under(repo_root, data["sampling"][key]))
-    if data["train"].get("deepspeed"):
-        data["train"]["deepspeed"] = str(_under(repo_root, data["train"]["deepspeed"]))
+    for key in ("deepspeed", "hostfile"):  # launcher configs stay the repository's
+        if data["train"].get(key):
+            data["train"][key] = str(_under(repo_root, data["train"][key]))
     cfg = config_from_dict(data, f"run {run_name}")
     root.mkdir(parents=True, exist_ok=True)
     params_out = root / "params.yaml"
@@ -333,7 +334,7 @@ class ProcessFileLockManager(FileSystemLockManager):
         path = self._lock_path_for_key(key)
         if not path.is_file():
             return
-        with file_lock(self.lock_files_directory / ".stale-check.lock"):  # one process decides at a time
+        with file_lock(self.lock_files_directory / ".stale-check"):  # one process decides at a time
             try:
                 info = json.loads(path.read_bytes())
             except (OSError, ValueError):
@@ -371,6 +372,22 @@ def stage_cache_policy(key_fn: Callable[[Any, dict[str, Any]], str | None], repo
         isolation_level=IsolationLevel.SERIALIZABLE,
         lock_manager=ProcessFileLockManager(cache_dir(repo_root) / "locks"),
     )
+
+
+def is_transient_failure(task: Any, task_run: Any, state: Any) -> bool:
+    """Prefect `retry_condition_fn`: retry a failed task only when the failure is transient — a network error
+    (hub download) or an MLflow server that did not answer; a bug, bad config or failed gate fails at once."""
+    try:
+        state.result()
+    except RegistryError as err:
+        return "could not connect" in str(err)
+    except (ConnectionError, TimeoutError):
+        return True
+    except Exception as err:
+        # requests' ConnectionError/Timeout and httpx's TransportError (hub downloads), matched by class name so
+        # that neither library is imported here
+        return bool({cls.__name__ for cls in type(err).__mro__} & {"ConnectionError", "Timeout", "TransportError"})
+    return False
 
 
 # ------------------------------------------------------------------------------------- supervised children

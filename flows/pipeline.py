@@ -79,7 +79,7 @@ def _train_processes(cfg: Any, params_file: str) -> dict[str, Any]:
     get_run_logger().info(f"[train] {cfg.train.world_size} processes: {' '.join(cmd)}")
     start = time.perf_counter()
     try:
-        run_supervised(cmd, cwd=_repo())
+        run_supervised(cmd, cwd=_repo(), grace_seconds=20)  # inside the runner's 30 s before its SIGKILL
     except subprocess.CalledProcessError as err:
         raise TrainingError(f"{cfg.train.launcher} exited with status {err.returncode} (see the ranks' output)") from None
     metrics = json.loads(layout.train_metrics.read_text())

@@ -5,60 +5,18 @@ generation request, then the same register against the stopped server failing cl
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import signal
-import socket
-import subprocess
 import sys
-import time
 import urllib.request
-from pathlib import Path
 
 import pytest
 
 from orca8k.errors import RegistryError
 from orca8k.stages import register as register_stage
-from tests.fixtures.common import cli_env
 from tests.fixtures.registry import PROMPTS, trained_candidate
+from tests.fixtures.servers import free_port, start, stop, wait_http
 
 pytestmark = pytest.mark.slow
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _start(args: list[str], log: Path, env: dict[str, str]) -> subprocess.Popen:
-    with log.open("wb") as out:
-        return subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, env=cli_env(env), start_new_session=True)
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    """Stop a server and its workers (its own process group), by its id."""
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=30)
-
-
-def _wait_http(url: str, proc: subprocess.Popen, log: Path, timeout_seconds: float) -> None:
-    deadline = time.monotonic() + timeout_seconds
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            pytest.fail(f"{proc.args[:4]} exited {proc.returncode}:\n{log.read_text()[-3000:]}")
-        try:
-            with urllib.request.urlopen(url, timeout=2) as r:
-                if r.status == 200:
-                    return
-        except OSError:
-            time.sleep(0.5)
-    pytest.fail(f"{url} not up after {timeout_seconds} s:\n{log.read_text()[-3000:]}")
 
 
 def test_server_mode_register_then_serve_champion(tmp_path, migrated_mlflow_db, saved_tiny_model, monkeypatch, tokenizer):
@@ -66,15 +24,15 @@ def test_server_mode_register_then_serve_champion(tmp_path, migrated_mlflow_db, 
 
     db = tmp_path / "server.db"
     shutil.copyfile(migrated_mlflow_db, db)
-    port = _free_port()
+    port = free_port()
     server_log = tmp_path / "server.log"
-    server = _start([sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{db}",
-                     "--artifacts-destination", str(tmp_path / "server-artifacts"), "--host", "127.0.0.1",
-                     "--port", str(port), "--workers", "1"], server_log, {})
+    server = start([sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{db}",
+                    "--artifacts-destination", str(tmp_path / "server-artifacts"), "--host", "127.0.0.1",
+                    "--port", str(port), "--workers", "1"], server_log, {})
     uri = f"http://127.0.0.1:{port}"
     serve = None
     try:
-        _wait_http(f"{uri}/health", server, server_log, 180)
+        wait_http(f"{uri}/health", server, server_log, 180)
         monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
         store = {"uri": "sqlite:///unused.db", "artifacts": tmp_path / "unused-local-artifacts"}
         cfg, layout, run_id = trained_candidate(tmp_path / "run", store, saved_tiny_model, model_name="tiny-served",
@@ -90,12 +48,12 @@ def test_server_mode_register_then_serve_champion(tmp_path, migrated_mlflow_db, 
         assert not (tmp_path / "unused-local-artifacts").exists()
         assert any((tmp_path / "server-artifacts").rglob("model.safetensors"))
 
-        serve_port = _free_port()
+        serve_port = free_port()
         serve_log = tmp_path / "serve.log"
-        serve = _start([sys.executable, "-m", "mlflow", "models", "serve", "-m", "models:/tiny-served@champion",
-                        "--env-manager", "local", "-h", "127.0.0.1", "-p", str(serve_port)], serve_log,
-                       {"MLFLOW_TRACKING_URI": uri})
-        _wait_http(f"http://127.0.0.1:{serve_port}/ping", serve, serve_log, 240)
+        serve = start([sys.executable, "-m", "mlflow", "models", "serve", "-m", "models:/tiny-served@champion",
+                       "--env-manager", "local", "-h", "127.0.0.1", "-p", str(serve_port)], serve_log,
+                      {"MLFLOW_TRACKING_URI": uri})
+        wait_http(f"http://127.0.0.1:{serve_port}/ping", serve, serve_log, 240)
         body = json.dumps({"inputs": [PROMPTS[0]], "params": {"max_new_tokens": 6, "do_sample": False}}).encode()
         request = urllib.request.Request(f"http://127.0.0.1:{serve_port}/invocations", data=body,
                                          headers={"Content-Type": "application/json"})
@@ -115,8 +73,8 @@ def test_server_mode_register_then_serve_champion(tmp_path, migrated_mlflow_db, 
         assert isinstance(reply, str) and reply.strip() == expected.strip()
     finally:
         if serve is not None:
-            _stop(serve)
-        _stop(server)
+            stop(serve)
+        stop(server)
     # the server is down: register retries, then fails clearly, and nothing is written
     layout.register_metrics.unlink()
     monkeypatch.setattr(store_module, "RETRY_BACKOFF_SECONDS", 0.05)

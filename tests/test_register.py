@@ -5,8 +5,8 @@ idempotency, the gate's outcomes, its compare-and-set under concurrency, and a s
 from __future__ import annotations
 
 import json
+import multiprocessing
 import subprocess
-import threading
 import time
 
 import pytest
@@ -240,8 +240,9 @@ def test_gate_outcomes_better_worse_failed_validation_and_other_val_set(tmp_path
 
 
 def test_concurrent_promotions_cannot_both_win(tracking_store, monkeypatch):
-    """Two passing candidates, each worse than the other on one source, promote at the same moment with no
-    champion: under the lock the second is compared with the first and loses; without it both would win."""
+    """Two passing candidates, each worse than the other on one source, promote at the same moment from two
+    processes with no champion: under the lock the second is compared with the first and loses; without it both
+    would win."""
     from orca8k.config import load_config
     from orca8k.registry import promote as promote_module
     from orca8k.registry.gate import Evidence
@@ -260,18 +261,25 @@ def test_concurrent_promotions_cannot_both_win(tracking_store, monkeypatch):
         time.sleep(0.5)
         return decide(*args, **kwargs)
 
-    monkeypatch.setattr(promote_module, "decide", slow_decide)
+    monkeypatch.setattr(promote_module, "decide", slow_decide)  # forked children inherit the patch
     gate = load_config(REPO / "params.yaml").register_.gate
-    results = [None, None]
+    numbers = [v.version for v in versions]
 
-    def go(i):
-        results[i] = promote_module.promote(store, name, versions[i], evidence[i], gate)[0].outcome
+    def go(i, queue):  # a separate process: its own store connection, the real file lock between processes
+        own = connect(tracking_store["uri"])
+        version = reg.get_version(own, name, numbers[i])
+        queue.put((i, promote_module.promote(own, name, version, evidence[i], gate)[0].outcome))
 
-    threads = [threading.Thread(target=go, args=(i,)) for i in range(2)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    ctx = multiprocessing.get_context("fork")
+    queue = ctx.Queue()
+    procs = [ctx.Process(target=go, args=(i, queue)) for i in range(2)]
+    for p in procs:
+        p.start()
+    got = dict(queue.get(timeout=120) for _ in procs)
+    for p in procs:
+        p.join(timeout=60)
+    assert [p.exitcode for p in procs] == [0, 0]
+    results = [got[0], got[1]]
     assert sorted(results) == ["promoted", "rejected"]
     winner = versions[results.index("promoted")].version
     assert reg.alias_version(store, name, reg.CHAMPION).version == winner

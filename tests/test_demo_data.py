@@ -160,6 +160,32 @@ def test_red_pajama_schema_and_kinds(demo_files):
     assert kinds.count("registry") == len(rows) // 2
 
 
+def test_no_duplicate_documents(demo_files):
+    """Every row is a distinct document as the mix sees it (its content digest): before the redraw, 7 short
+    single-turn orca-chat rows of params.yaml repeated earlier ones and the mix dropped them."""
+    from orca8k.data.sources import ADAPTERS
+
+    formats = {"orca-chat": "orca_chat", "fanfics": "fanfics", "red_pajama": "red_pajama"}
+    for name, path in demo_files.items():
+        rows = read_jsonl(path)
+        digests = {ADAPTERS[formats[name]].normalise(row).digest for row in rows}
+        assert len(digests) == len(rows), name
+
+
+def test_a_repeated_row_is_drawn_again_from_its_own_stream(tmp_path, monkeypatch):
+    import orca8k.data.demo as demo
+
+    def coin(rng):  # only two distinct documents exist: row 1 must be redrawn until it differs from row 0
+        return {"instruction": "", "conversation": [{"input": "q", "output": str(rng.randrange(2))}]}
+
+    monkeypatch.setattr(demo, "make_conversation", coin)
+    cfg = load_config(REPO / "params.yaml", [f"paths.root={tmp_path}", "demo_data.orca_chat_conversations=2"])
+    rows = list(demo.source_rows(cfg, "orca_chat"))
+    assert rows[0] == coin(row_rng(cfg.seed, "orca_chat", 0))  # a row that repeats nothing is as before
+    assert sorted(r["conversation"][0]["output"] for r in rows) == ["0", "1"]
+    assert list(demo.source_rows(cfg, "orca_chat")) == rows  # the redraw is deterministic
+
+
 def test_passkey_depth_and_story_length():
     import random
 

@@ -3,7 +3,9 @@
 The same config gives the same bytes on every run and machine (so `data.dvc` stays valid): JSON lines written with
 a fixed key order, `ensure_ascii=True`, `\\n` line ends, no floats, and every row drawn from its own
 `random.Random` seeded from (config seed, source, row index) through sha256 — no global RNG, no iteration over sets
-or hashes. Row `i` is therefore the same whatever the row counts.
+or hashes. Row `i` is therefore the same whatever the row counts. No two rows of a source are the same document: a
+row that repeats an earlier one (by the mix's content digest, `orca8k.data.sources`) is drawn again from a stream of
+its own, so the mix drops no duplicates.
 
 - `orca-chat/orca-chat-gpt4.jsonl`: `{"instruction": ORCA system prompt, "conversation": [{"input", "output"}, ...]}`,
   1-6 turns of checkable tasks (`orca8k.data.demo_chat`).
@@ -27,6 +29,7 @@ from typing import Any
 from orca8k.config import Config
 from orca8k.data.demo_chat import make_conversation
 from orca8k.data.demo_text import make_story, make_web_document
+from orca8k.data.sources import adapter_for
 from orca8k.errors import ConfigError
 from orca8k.layout import DEMO_FILE_NAMES, Layout
 
@@ -81,8 +84,18 @@ def source_rows(cfg: Config, fmt: str) -> Iterator[dict[str, Any]]:
                        lambda rng, i: make_web_document(rng, i, demo.red_pajama_document_chars)),
     }
     count, make = makers[fmt]
+    normalise = adapter_for(fmt).normalise
+    seen: set[bytes] = set()
     for i in range(count):
-        yield make(row_rng(cfg.seed, fmt, i), i)
+        row = make(row_rng(cfg.seed, fmt, i), i)
+        redraw = 0
+        while (digest := normalise(row).digest) in seen:
+            # the same document as an earlier row, as the mix sees it (short single-turn tasks can collide): draw
+            # row i again from a stream of its own, so the mix drops nothing and row i depends on rows < i only
+            redraw += 1
+            row = make(row_rng(cfg.seed, f"{fmt}/redraw{redraw}", i), i)
+        seen.add(digest)
+        yield row
 
 
 def write_demo_data(cfg: Config) -> dict[str, Path]:

@@ -123,6 +123,24 @@ def test_max_seconds_is_a_cap_that_says_so(mixed_root, tmp_path, capsys):
     assert "max_seconds=0.001 reached: stopping at step 1 of 50" in capsys.readouterr().out
 
 
+def test_fewer_steps_than_logging_steps_report_the_runs_mean_loss(mixed_root, tmp_path):
+    """No logging window completes (log_history has no `loss`): `final_loss` is the Trainer's mean training loss,
+    not NaN (which failed the stage as "non-finite training loss nan")."""
+    cfg = tiny_cfg(mixed_root, f"paths.base={tmp_path / 'short'}", "base.pretrain.max_steps=2",
+                   "base.pretrain.logging_steps=5")
+    result = run_stage("base", cfg)
+    pretrain = json.loads(Layout.from_config(cfg).base_info.read_text())["pretrain"]
+    assert result.summary["steps"] == 2 and pretrain["loss_curve"] == []
+    # the same two steps logged one by one (same seed, same weights): final_loss is their mean
+    logged = tiny_cfg(mixed_root, f"paths.base={tmp_path / 'logged'}", "base.pretrain.max_steps=2",
+                      "base.pretrain.logging_steps=1")
+    run_stage("base", logged)
+    curve = json.loads(Layout.from_config(logged).base_info.read_text())["pretrain"]["loss_curve"]
+    assert [s for s, _ in curve] == [1, 2]
+    assert pretrain["final_loss"] == pytest.approx((curve[0][1] + curve[1][1]) / 2, abs=1e-3)
+    assert result.summary["final_loss"] == pretrain["final_loss"]
+
+
 def test_missing_mix_is_reported(tmp_path):
     with pytest.raises(StageInputMissing, match="train.parquet"):
         run_stage("base", tiny_cfg(tmp_path))

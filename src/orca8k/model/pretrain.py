@@ -146,7 +146,8 @@ def pretrain(cfg: Config, model, blocks: torch.Tensor, work_dir: Path) -> dict[s
 
     Returns:
         `{"steps", "max_steps", "stopped_by_max_seconds", "final_loss", "tokens_seen", "train_seconds", "loss_curve"}`
-        (`final_loss`: mean training loss of the last logging window).
+        (`final_loss`: mean training loss of the last logging window; the mean over all steps when no window
+        completed, i.e. `max_steps` < `logging_steps`).
 
     Raises:
         TrainingError: the loss is not finite.
@@ -168,10 +169,11 @@ def pretrain(cfg: Config, model, blocks: torch.Tensor, work_dir: Path) -> dict[s
     trainer = Trainer(model=model, args=args, train_dataset=_Blocks(blocks), data_collator=default_data_collator,
                       callbacks=[cap])
     start = time.monotonic()
-    trainer.train()
+    output = trainer.train()
     seconds = time.monotonic() - start
     curve = [(e["step"], e["loss"]) for e in trainer.state.log_history if "loss" in e]
-    final = curve[-1][1] if curve else float("nan")
+    # no logging window completed (max_steps < logging_steps, or the time cap stopped it first): the run's mean
+    final = curve[-1][1] if curve else float(output.training_loss)
     if not math.isfinite(final):
         raise TrainingError(f"base: non-finite training loss {final} at step {trainer.state.global_step}")
     torch.set_grad_enabled(True)

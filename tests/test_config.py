@@ -64,9 +64,13 @@ def test_recipe_has_the_seed_facts():
     assert cfg.tokenize.train_on_system is False
 
 
-def test_plan_on_the_recipe_shows_3319_steps_and_128x8192_tokens(monkeypatch):
+def test_plan_on_the_recipe_shows_3319_steps_and_128x8192_tokens(monkeypatch, tmp_path):
+    # cwd = the repo (train.deepspeed is repo-relative); paths.root = an empty folder, so a mix manifest that a
+    # `dvc repro` of the demo left in the checkout (artifacts/mix) is not read as the recipe's train rows
     monkeypatch.chdir(REPO)
-    facts = make_plan(load_config(RECIPE))
+    facts = make_plan(load_config(RECIPE, [f"paths.root={tmp_path}"]))
+    assert facts["train_rows"] == 188_842 + 47_760 + 188_262  # the card's counts: 424,864 rows // 128 = 3319
+    assert facts["train_rows_from"] == "data.sources.*.expected_train_rows"
     assert facts["optimizer_steps"] == 3319
     assert facts["rows_per_optimizer_step"] == 128
     assert facts["max_tokens_per_optimizer_step"] == 128 * 8192
@@ -78,7 +82,7 @@ def test_plan_on_the_recipe_shows_3319_steps_and_128x8192_tokens(monkeypatch):
 
 
 def test_plan_cli_prints_the_facts_as_json(tmp_path):
-    proc = run_cli("plan", "--params", str(RECIPE), "--json", cwd=REPO)
+    proc = run_cli("plan", "--params", str(RECIPE), "--json", "--set", f"paths.root={tmp_path}", cwd=REPO)
     facts = json.loads(proc.stdout)
     assert facts["optimizer_steps"] == 3319 and facts["max_tokens_per_optimizer_step"] == 1_048_576
 

@@ -81,6 +81,33 @@ def test_plan_on_the_recipe_shows_3319_steps_and_128x8192_tokens(monkeypatch, tm
     assert facts["memory_per_gpu"]["zero_stage"] == 2
 
 
+def test_plan_reads_only_outputs_made_from_its_own_params(monkeypatch, tmp_path):
+    """The demo and the recipe share `artifacts/mix` and `metrics/` in one checkout: the recipe's plan must not take
+    the demo's mix manifest or token stats as its own (the demo's 2,592 rows would make it 20 steps)."""
+    monkeypatch.chdir(REPO)
+    recipe = load_config(RECIPE, [f"paths.root={tmp_path}"])
+    demo = load_config(PARAMS, [f"paths.root={tmp_path}"])
+    manifest = tmp_path / "artifacts" / "mix" / "manifest.json"
+    manifest.parent.mkdir(parents=True)
+    stats = tmp_path / "metrics" / "tokenize.json"
+    stats.parent.mkdir(parents=True)
+
+    def write(cfg, rows: int) -> None:
+        manifest.write_text(json.dumps({"params": {"seed": cfg.seed, "data": cfg.to_dict()["data"]},
+                                        "sources": {"orca-chat": {"train": {"rows": rows}}}}))
+        stats.write_text(json.dumps({"max_length": cfg.tokenize.max_length, "packing": cfg.tokenize.packing,
+                                     "train": {"rows": rows, "tokens": 1000, "supervised_tokens": 250}}))
+
+    write(demo, 2592)
+    facts = make_plan(recipe)
+    assert (facts["train_rows"], facts["optimizer_steps"]) == (424_864, 3319)
+    assert facts["supervised_token_share"] is None
+    write(recipe, 1280)  # a mix of the recipe's own params: its rows count
+    facts = make_plan(recipe)
+    assert (facts["train_rows"], facts["optimizer_steps"], facts["supervised_token_share"]) == (1280, 10, 0.25)
+    assert facts["train_rows_from"] == f"mix manifest ({manifest})"
+
+
 def test_plan_cli_prints_the_facts_as_json(tmp_path):
     proc = run_cli("plan", "--params", str(RECIPE), "--json", "--set", f"paths.root={tmp_path}", cwd=REPO)
     facts = json.loads(proc.stdout)

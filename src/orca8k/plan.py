@@ -2,7 +2,8 @@
 
 Facts (nanoGPT-style, printed before anything expensive): rows and tokens per optimiser step, optimiser steps,
 effective context, RoPE factor, parameter count, a per-GPU memory estimate, and — when the upstream outputs exist —
-the realised row counts and supervised-token share. Train rows come from the mix manifest when it exists, else
+the realised row counts and supervised-token share. Train rows come from the mix manifest when it exists and was
+made from the same `seed` and `data` params (a demo mix in the same checkout is not the recipe's), else
 from `data.sources.*.expected_train_rows` (the card's counts in the recipe).
 """
 
@@ -95,6 +96,9 @@ def _train_rows(cfg: Config, layout: Layout) -> tuple[int | None, str]:
     if layout.mix_manifest.is_file():
         manifest = json.loads(layout.mix_manifest.read_text())
         try:
+            # a mix made from other `seed`/`data` params (e.g. the demo's, in the same checkout) is not this one's
+            if manifest["params"] != {"seed": cfg.seed, "data": cfg.to_dict()["data"]}:
+                raise ValueError("the manifest's params differ")
             rows = sum(int(s["train"]["rows"]) for s in manifest["sources"].values())
             return rows, f"mix manifest ({layout.mix_manifest})"
         except (KeyError, TypeError, ValueError):
@@ -124,7 +128,7 @@ def make_plan(cfg: Config) -> dict[str, Any]:
         steps_note = rows_from
     elif cfg.tokenize.packing:
         # packed rows are counted by `tokenize`; before that, the row count is an upper bound on packed rows
-        packed = _packed_rows(layout)
+        packed = _packed_rows(cfg, layout)
         basis = packed if packed is not None else rows
         steps = int(basis // rows_per_step * t.num_train_epochs)
         steps_note = "packed rows from tokenize" if packed is not None else "upper bound: rows before packing"
@@ -154,26 +158,32 @@ def make_plan(cfg: Config) -> dict[str, Any]:
         "parameters_non_embedding": params["non_embedding"],
         "dtype": "fp16" if t.fp16 else "bf16" if t.bf16 else "fp32",
         "memory_per_gpu": {k: round(v, 2) if isinstance(v, float) else v for k, v in estimate_memory_bytes(cfg, params["total"]).items()},
-        "supervised_token_share": _supervised_share(layout),
+        "supervised_token_share": _supervised_share(cfg, layout),
         "warnings": _warnings(cfg),
     }
     return facts
 
 
-def _packed_rows(layout: Layout) -> int | None:
-    if layout.tokenize_metrics.is_file():
-        data = json.loads(layout.tokenize_metrics.read_text())
-        value = data.get("train", {}).get("rows") if isinstance(data.get("train"), dict) else None
-        return int(value) if value is not None else None
-    return None
+def _tokenize_stats(cfg: Config, layout: Layout) -> dict[str, Any]:
+    """The token stats' `train` section, if they exist and were made with this `max_length` and `packing` (stats
+    of another profile in the same checkout, e.g. the demo's, are not this run's)."""
+    if not layout.tokenize_metrics.is_file():
+        return {}
+    data = json.loads(layout.tokenize_metrics.read_text())
+    if (data.get("max_length"), data.get("packing")) != (cfg.tokenize.max_length, cfg.tokenize.packing):
+        return {}
+    return data["train"] if isinstance(data.get("train"), dict) else {}
 
 
-def _supervised_share(layout: Layout) -> float | None:
-    if layout.tokenize_metrics.is_file():
-        data = json.loads(layout.tokenize_metrics.read_text())
-        train = data.get("train", {}) if isinstance(data.get("train"), dict) else {}
-        if train.get("tokens"):
-            return round(train.get("supervised_tokens", 0) / train["tokens"], 4)
+def _packed_rows(cfg: Config, layout: Layout) -> int | None:
+    value = _tokenize_stats(cfg, layout).get("rows")
+    return int(value) if value is not None else None
+
+
+def _supervised_share(cfg: Config, layout: Layout) -> float | None:
+    train = _tokenize_stats(cfg, layout)
+    if train.get("tokens"):
+        return round(train.get("supervised_tokens", 0) / train["tokens"], 4)
     return None
 
 

@@ -2,7 +2,8 @@
 
 - the eight stage CLIs on real text (`../shared/realdata`, selected with `--set paths.data=...`), each output checked;
 - `dvc repro` on the demo in a throw-away copy of the repository: every stage runs and says where it wrote, a second
-  `dvc repro` reruns nothing, `dvc metrics show` lists the evaluation metrics.
+  `dvc repro` reruns nothing, `dvc metrics show` lists the evaluation metrics, and the tuning loop works
+  (`dvc exp run -S`, `dvc exp show`, `dvc metrics diff`).
 """
 
 from __future__ import annotations
@@ -236,3 +237,27 @@ def test_dvc_repro_runs_every_stage_then_nothing(repo_copy):
     assert metrics["eval"] == expected["eval"] and metrics["context"]["ppl_2x"] == expected["context"]["ppl_2x"]
     table = _run(["dvc", "metrics", "show"], repo_copy).stdout
     assert "metrics/eval.json" in table and "eval.orca-chat.eval_loss" in table
+
+    # what git sees after a run: the lock files, the params, and the small metrics (cache: false, versioned by git
+    # so that other revisions and experiments can be compared); no data, models, stores or lock files of MLflow
+    status = _run(["git", "status", "--porcelain", "--untracked-files=all"], repo_copy).stdout.splitlines()
+    assert sorted(line[3:] for line in status) == sorted(
+        ["data.dvc", "params.yaml", "dvc.lock", *(f"metrics/{m}.json" for m in (
+            "mix", "tokenize", "train", "mlflow_run", "eval", "ppl_vs_context", "passkey", "register"))])
+
+    # the tuning loop of the README: commit the run, then one override as a DVC experiment
+    _run(["git", "add", "-A"], repo_copy)
+    _run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "tiny demo run"], repo_copy)
+    exp = _run(["dvc", "exp", "run", "-S", "train.learning_rate=2e-3"], repo_copy)
+    ran = re.findall(r"Running stage '([\w-]+)'", exp.stdout + exp.stderr)
+    assert ran == ["train", "evaluate", "sampling-report", "register"]  # the stages that read train.* and after
+    (_, head) = json.loads(_run(["dvc", "exp", "show", "--json"], repo_copy).stdout)
+    (experiment,) = [rev for e in head["experiments"] for rev in e["revs"]]
+    data = experiment["data"]
+    assert data["params"]["params.yaml"]["data"]["train"]["learning_rate"] == 2e-3
+    new_eval = data["metrics"]["metrics/eval.json"]["data"]["eval"]
+    assert new_eval == json.loads((repo_copy / "metrics" / "eval.json").read_text())["eval"]  # applied to workspace
+    diff = json.loads(_run(["dvc", "metrics", "diff", "--json"], repo_copy).stdout)
+    change = diff["metrics/eval.json"]["eval.orca-chat.eval_loss"]
+    assert change["old"] == expected["eval"]["orca-chat"]["eval_loss"]
+    assert change["new"] == new_eval["orca-chat"]["eval_loss"] != change["old"]

@@ -339,7 +339,7 @@ def test_register_process_in_a_dvc_repo_logs_dvc_digests_deepspeed_and_no_secret
     repo = tmp_path / "repo"
     repo.mkdir()
     (repo / "dvc.yaml").write_text("stages: {}\n")
-    (repo / "data.dvc").write_text("outs:\n- md5: 0123456789abcdef0123456789abcdef.dir\n  size: 10\n  path: data\n")
+    (repo / "data.dvc").write_text("outs:\n- md5: 0123456789abcdef0123456789abcdef.dir\n  size: 10\n  path: run/data\n")  # paths.root = run
     (repo / "dvc.lock").write_text(
         "schema: '2.0'\nstages:\n  mix:\n    cmd: orca8k mix\n    outs:\n"
         "    - path: run/artifacts/mix\n      md5: fedcba9876543210fedcba9876543210.dir\n")

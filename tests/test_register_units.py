@@ -41,15 +41,21 @@ def test_lineage_reads_git_data_dvc_and_the_mix_out_of_dvc_lock(tmp_path):
     assert lineage.git_state(repo) == (head, "false")
     (repo / "data.dvc").write_text((repo / "data.dvc").read_text() + "# edited\n")
     assert lineage.git_state(repo) == (head, "true")
-    assert lineage.data_hash(repo) == "0123456789abcdef0123456789abcdef.dir"
+    assert lineage.data_hash(repo, repo / "data") == "0123456789abcdef0123456789abcdef.dir"
+    assert lineage.data_hash(repo, tmp_path / "elsewhere") == "unknown"  # --set paths.data=…: not what data.dvc hashes
+    (repo / "hub-2026.dvc").write_text("outs:\n- md5: 22222222222222222222222222222222.dir\n  path: data/hub-2026\n")
+    assert lineage.data_hash(repo, repo / "data" / "hub-2026") == "22222222222222222222222222222222.dir"
     assert lineage.mix_hash(repo, repo / "artifacts" / "mix") == "fedcba9876543210fedcba9876543210.dir"
     assert lineage.mix_hash(repo, repo / "runs" / "x" / "artifacts" / "mix") == "unknown"  # another run's mix
     tags = {"lineage.mix_hash": "fedcba9876543210fedcba9876543210.dir", "lineage.val_set_sha256": "a" * 64}
     assert lineage.mix_digest(tags) == ("fedcba9876543210fedcba9876543210", "dvc-md5")
     assert lineage.mix_digest({**tags, "lineage.mix_hash": "unknown"}) == ("a" * 32, "val-sha256")
     (repo / "data.dvc").write_text("outs: []\n")
-    with pytest.raises(DataError, match=r"data.dvc: field outs\[0\].md5"):
-        lineage.data_hash(repo)
+    with pytest.raises(DataError, match=r"data.dvc: field outs\[0\].path/md5"):
+        lineage.data_hash(repo, repo / "data")
+    (repo / "data.dvc").write_text("outs:\n- path: data\n")
+    with pytest.raises(DataError, match=r"data.dvc: field outs\[0\].md5 missing"):
+        lineage.data_hash(repo, repo / "data")
 
 
 def test_validation_result_and_model_facts_name_what_is_wrong(tmp_path):

@@ -6,7 +6,7 @@ actually trained:
 | tag | from |
 |---|---|
 | `lineage.git_commit`, `lineage.git_dirty` | `git rev-parse HEAD` / `git status --porcelain` at the repo root |
-| `lineage.data_hash` | `data.dvc` (`outs[0].md5`): the raw sources' DVC hash |
+| `lineage.data_hash` | the `*.dvc` file whose out is `paths.data` (`outs[0].md5`): the raw sources' DVC hash |
 | `lineage.mix_hash` | `dvc.lock`, stage `mix`, the out that is `paths.mix` (DVC's md5 of the mix folder) |
 | `lineage.val_set_sha256` | sha256 of `layout.mix_val`'s bytes: the comparability key of the gate |
 | `lineage.validation_run_id`, `lineage.validation_success` | `layout.validation_result` |
@@ -56,20 +56,27 @@ def git_state(repo: Path) -> tuple[str, str]:
     return commit or UNKNOWN, "true" if status.strip() else "false"
 
 
-def data_hash(repo: Path) -> str:
-    """DVC's hash of the raw sources from `data.dvc` (`outs[0].md5`), or `unknown` without that file.
+def data_hash(repo: Path, data_dir: Path) -> str:
+    """DVC's hash of the raw sources `data_dir`: `outs[0].md5` of the repo-root `*.dvc` file whose out is that
+    folder (`data.dvc` for the demo, a hub snapshot's own `.dvc` file for a real run), or `unknown` when no `.dvc`
+    file tracks it (e.g. `--set paths.data=/elsewhere`: the committed `data.dvc` describes other bytes).
 
     Raises:
-        DataError: `data.dvc` exists but has no `outs[0].md5`.
+        DataError: the `.dvc` file tracking `data_dir` has no `outs[0].md5`.
     """
-    path = repo / "data.dvc"
-    if not path.is_file():
-        return UNKNOWN
-    try:
-        out = (yaml.safe_load(path.read_text(encoding="utf-8")) or {})["outs"][0]
+    target = Path(data_dir).resolve()
+    for path in sorted(p for p in repo.glob("*.dvc") if p.is_file() and p.name != ".dvc"):
+        try:
+            out = (yaml.safe_load(path.read_text(encoding="utf-8")) or {})["outs"][0]
+            tracked = (repo / str(out["path"])).resolve()
+        except (KeyError, IndexError, TypeError, yaml.YAMLError) as err:
+            raise DataError(f"{path}: field outs[0].path/md5 missing or unreadable ({err})") from None
+        if tracked != target:
+            continue
+        if not (out.get("md5") or out.get("hash")):
+            raise DataError(f"{path}: field outs[0].md5 missing")
         return str(out.get("md5") or out["hash"])
-    except (KeyError, IndexError, TypeError, yaml.YAMLError) as err:
-        raise DataError(f"{path}: field outs[0].md5 missing or unreadable ({err})") from None
+    return UNKNOWN
 
 
 def mix_hash(repo: Path, mix_dir: Path) -> str:
@@ -161,7 +168,7 @@ def lineage_tags(
     return {
         "lineage.git_commit": commit,
         "lineage.git_dirty": dirty,
-        "lineage.data_hash": data_hash(repo),
+        "lineage.data_hash": data_hash(repo, layout.data),
         "lineage.mix_hash": mix_hash(repo, layout.mix),
         "lineage.val_set_sha256": sha256_file(layout.mix_val) if layout.mix_val.is_file() else UNKNOWN,
         "lineage.validation_run_id": validation.run_id,

@@ -85,7 +85,8 @@ def test_flow_registers_a_candidate_and_a_retry_after_register_fails_reruns_only
     assert model_file.is_file()
 
     # the registry holds the version, alias `candidate`, from this run's MLflow run
-    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{in_repo / 'mlflow.db'}")
+    uri = f"sqlite:///{in_repo / 'mlflow.db'}"
+    client = mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)  # not an earlier test's global registry URI
     reg = out["register"]
     version = client.get_model_version_by_alias("orca8k-demo", "candidate")
     assert (int(version.version), reg["version"], reg["model_name"]) == (1, 1, "orca8k-demo")

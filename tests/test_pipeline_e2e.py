@@ -176,7 +176,8 @@ def test_real_registered_version_has_alias_candidate(real_run):
     from mlflow import MlflowClient
 
     root, out = real_run
-    client = MlflowClient(tracking_uri=f"sqlite:///{root / 'mlflow.db'}")
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)  # an earlier test's global registry URI must not win
     version = client.get_model_version_by_alias("orca8k-demo", "candidate")
     assert str(version.version) == "1" and "candidate" in version.aliases
     run_id = json.loads((root / "metrics" / "mlflow_run.json").read_text())["run_id"]

@@ -126,7 +126,7 @@ def test_two_ui_triggered_runs_at_once_then_the_run_form_in_chromium(stack, tmp_
     assert states == ["Cached", "Completed"]
 
     # separate registry versions on the MLflow server, each from its run; the override reached the MLflow run
-    client = mlflow.MlflowClient(tracking_uri=stack["mlflow"])
+    client = mlflow.MlflowClient(tracking_uri=stack["mlflow"], registry_uri=stack["mlflow"])  # not the global registry URI
     versions = client.search_model_versions("name='orca8k-demo'")
     assert sorted(int(v.version) for v in versions) == [1, 2]
     run_ids = {}

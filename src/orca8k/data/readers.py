@@ -172,7 +172,7 @@ def _parse_json_bytes(position: int, raw: bytes) -> RawRow:
     try:
         value = _DECODER.decode(text)
     except json.JSONDecodeError as err:
-        return RawRow(position, nbytes, reject=Reject(ROW_FIELD, f"invalid JSON: {err.msg} at char {err.pos}"))
+        return RawRow(position, nbytes, reject=Reject(ROW_FIELD, f"invalid JSON: {err.msg} (char {err.pos})"))
     except RecursionError:
         return RawRow(position, nbytes, reject=Reject(ROW_FIELD, "invalid JSON: nested too deeply"))
     return RawRow(position, nbytes, value=value)

@@ -154,6 +154,9 @@ def test_generate_loads_the_champion_through_the_registry(first, tracking_store,
     assert via_registry.split("\n", 1)[1] == local.split("\n", 1)[1]  # same reply, same cut note
     assert main(["generate", "--model", "models:/tiny-chat@nobody", *args]) == 1
     assert "RegistryError: models:/tiny-chat@nobody: not found in the registry" in capsys.readouterr().err
+    missing = root / "no-such-model"
+    assert main(["generate", "--model", str(missing), *args]) == 1
+    assert f"--model {missing}: no such folder" in capsys.readouterr().err
 
 
 def test_lineage_tags_run_records_and_dataset_input(first, tracking_store):

@@ -16,10 +16,11 @@ URI `models:/<name>@<alias>` / `models:/<name>/<version>` that MLflow resolves t
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from orca8k.config import Config
-from orca8k.errors import ConfigError
+from orca8k.errors import ConfigError, StageInputMissing
 from orca8k.layout import Layout
 
 if TYPE_CHECKING:
@@ -40,7 +41,7 @@ def load_for_generation(cfg: Config, model: str | None) -> tuple[PreTrainedModel
         (model in eval mode, tokenizer, name).
 
     Raises:
-        orca8k.errors.StageInputMissing: the dir holds no model or tokenizer.
+        orca8k.errors.StageInputMissing: no such folder, or it holds no model or tokenizer.
         orca8k.errors.RegistryError: the registry has no such model/alias/version, or is unreachable after retries.
     """
     from orca8k.sampling.loading import load_local_model
@@ -52,6 +53,9 @@ def load_for_generation(cfg: Config, model: str | None) -> tuple[PreTrainedModel
     else:
         path = Layout.from_config(cfg).model if model is None else model
         name = str(path)
+        if not Path(path).is_dir():
+            hint = "run `orca8k train` first" if model is None else "a model folder or models:/<name>@<alias>"
+            raise StageInputMissing(f"--model {path}: no such folder ({hint})")
     m, tok = load_local_model(
         path, dtype=cfg.sampling.dtype, device=cfg.sampling.device, attn_implementation=cfg.model.attn_implementation
     )

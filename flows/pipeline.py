@@ -12,7 +12,6 @@ small results. Run-directory set-up, the DVC mix and the content keys live in `o
 from __future__ import annotations
 
 import json
-import subprocess
 import time
 from pathlib import Path
 from typing import Any
@@ -23,17 +22,15 @@ from prefect.concurrency.sync import concurrency
 from prefect.runtime import flow_run
 
 from orca8k.config import load_config
-from orca8k.errors import TrainingError
+from orca8k.layout import repo_root
 from orca8k.orchestration import (
     cache_dir,
-    find_repo_root,
     host_concurrency_name,
     is_transient_failure,
     knob_overrides,
     outputs_exist,
     prepare_run,
     reproduce_mix,
-    run_supervised,
     stage_cache_policy,
     stage_fingerprint,
 )
@@ -43,7 +40,7 @@ from orca8k.stages import run_stage
 def _repo() -> Path:
     """The repository the flow works in: the nearest ancestor of the working directory with dvc.yaml/.git
     (deployments set the working directory to the repository)."""
-    return find_repo_root(Path.cwd())
+    return repo_root(Path.cwd())
 
 
 def stage_cache_key(context: Any, parameters: dict[str, Any]) -> str:
@@ -58,35 +55,9 @@ def stage_cache_key(context: Any, parameters: dict[str, Any]) -> str:
 @task(persist_result=True, result_serializer="json")
 def stage_task(stage: str, params_file: str, scope: str) -> dict[str, Any]:
     """Run one pipeline stage on a run's params file; returns the stage's outputs and summary (paths, numbers)."""
-    cfg = load_config(params_file)
-    if stage == "train" and cfg.train.world_size > 1:
-        return _train_processes(cfg, params_file)
-    result = run_stage(stage, cfg)
+    result = run_stage(stage, load_config(params_file))  # train with several processes: its launcher, supervised
     get_run_logger().info(result.describe())
     return result.to_dict()
-
-
-def _train_processes(cfg: Any, params_file: str) -> dict[str, Any]:
-    """Several processes: run the launcher (`torchrun`/`deepspeed`, ranks running `orca8k train`) under
-    `run_supervised`: its process group dies with this process and is killed when the flow run is cancelled."""
-    from orca8k.layout import Layout
-    from orca8k.stages import StageResult
-    from orca8k.stages.train import SUMMARY_KEYS
-    from orca8k.training.launch import launch_command
-
-    layout = Layout.from_config(cfg)
-    cmd = launch_command(cfg, Path(params_file))
-    get_run_logger().info(f"[train] {cfg.train.world_size} processes: {' '.join(cmd)}")
-    start = time.perf_counter()
-    try:
-        run_supervised(cmd, cwd=_repo(), grace_seconds=20)  # inside the runner's 30 s before its SIGKILL
-    except subprocess.CalledProcessError as err:
-        raise TrainingError(f"{cfg.train.launcher} exited with status {err.returncode} (see the ranks' output)") from None
-    metrics = json.loads(layout.train_metrics.read_text())
-    outputs = {"model": layout.model, "checkpoints": layout.checkpoints, "train_metrics": layout.train_metrics,
-               "train_run": layout.train_run}
-    summary = {"launcher": cfg.train.launcher, **{k: metrics.get(k) for k in SUMMARY_KEYS}}
-    return StageResult("train", outputs, summary, time.perf_counter() - start).to_dict()
 
 
 @task(retries=1, retry_delay_seconds=5)

@@ -77,7 +77,7 @@ time.sleep(600)
 """
 _PARENT = """
 import sys
-from orca8k.orchestration import run_supervised
+from orca8k.training.supervise import run_supervised
 run_supervised([sys.executable, sys.argv[1], sys.argv[2], sys.argv[3]], grace_seconds=5)
 """
 
@@ -161,7 +161,7 @@ def test_run_supervised_returns_output_or_raises_with_the_exit_code():
     import subprocess
     import sys
 
-    from orca8k.orchestration import run_supervised
+    from orca8k.training.supervise import run_supervised
 
     done = run_supervised([sys.executable, "-c", "print('ok')"], capture_stdout=True)
     assert (done.returncode, done.stdout) == (0, "ok\n")

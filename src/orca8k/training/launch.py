@@ -26,6 +26,7 @@ import yaml
 
 from orca8k.errors import ConfigError, TrainingError
 from orca8k.training.distributed import launched
+from orca8k.training.supervise import run_supervised
 
 if TYPE_CHECKING:
     from orca8k.config import Config
@@ -73,7 +74,7 @@ def launch_command(cfg: Config, params_file: Path) -> list[str]:
 
 
 def relaunch(cfg: Config, params_file: Path) -> list[str]:
-    """Write the resolved params to `params_file`, run the launcher and wait for it.
+    """Write the resolved params to `params_file`, run the launcher under `run_supervised` and wait for it.
 
     Returns:
         The command that ran.
@@ -87,7 +88,8 @@ def relaunch(cfg: Config, params_file: Path) -> list[str]:
     os.replace(tmp, params_file)
     cmd = launch_command(cfg, params_file)
     print(f"[train] launching {cfg.train.world_size} processes: {' '.join(cmd)}", flush=True)
-    proc = subprocess.run(cmd, check=False)
-    if proc.returncode != 0:
-        raise TrainingError(f"{cfg.train.launcher} exited with status {proc.returncode} (see the ranks' output above)")
+    try:  # the ranks stop with this process: cancelled (SIGTERM/SIGINT, e.g. a Prefect flow run) or killed
+        run_supervised(cmd, grace_seconds=20)  # inside Prefect's 30 s between SIGTERM and SIGKILL
+    except subprocess.CalledProcessError as err:
+        raise TrainingError(f"{cfg.train.launcher} exited with status {err.returncode} (see the ranks' output above)") from None
     return cmd

@@ -4,8 +4,10 @@
     python benchmarks/bench_tokenize.py --tokens 2000000      # a quicker look
 
 What it does, in one process (ratios are measured within one run, so machine load hits all sides alike):
-1. start-up: `import orca8k.stages.tokenize` in a fresh interpreter (imports datasets, transformers, pyarrow);
-2. a sentencepiece BPE tokenizer with the demo's settings (4,096 pieces, Llama-2 trainer settings) on the text;
+1. start-up: the stage's imports in a fresh interpreter (datasets, transformers, pyarrow, and Great Expectations for
+   the token suite, which the stage imports on first use); they are imported before the stage is timed;
+2. a sentencepiece BPE tokenizer trained as the demo's is (4,096 pieces, Llama-2 trainer settings, on the text's
+   lines: no piece holds a newline, as in Llama-2's vocabulary);
 3. the mix: `../shared/realdata` in the mix schema (orca-chat conversations, fanfics and RedPajama text chunked at
    65,535 chars), repeated with a per-copy marker in every segment (so no cache can help) until ≥ `--tokens`;
 4. raw batched tokenizer: `tokenizer(rendered_strings, add_special_tokens=False)` in batches of 256 over the same
@@ -36,6 +38,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 CHUNK_CHARS = 65535
+# what the stage imports, on import or lazily on first use: timed as start-up, in a fresh interpreter, and imported
+# before the stage is timed (a fixed cost per run, not per token: GX alone takes ~2.5 s to import)
+STAGE_IMPORTS = "import orca8k.stages.tokenize, orca8k.validation.token_suite, transformers.models.llama"
 
 
 def realdata_dir() -> Path:
@@ -81,7 +86,7 @@ def rendered(rows: list[dict]) -> list[str]:
 
 
 def startup_seconds() -> float:
-    code = "import time; t = time.perf_counter(); import orca8k.stages.tokenize; print(time.perf_counter() - t)"
+    code = f"import time; t = time.perf_counter(); {STAGE_IMPORTS}; print(time.perf_counter() - t)"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "src"), os.environ.get("PYTHONPATH", "")])}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
     return float(out.stdout.strip().splitlines()[-1])
@@ -111,14 +116,18 @@ def main() -> None:
     from orca8k.model.tokenizer import load_base_tokenizer, prepare_tokenizer, train_sentencepiece
     from orca8k.stages import run_stage
 
+    exec(STAGE_IMPORTS)  # noqa: S102 - the stage's imports, timed above as start-up
+
     work = Path(tempfile.mkdtemp(prefix="bench-tokenize-"))
     try:
         chats, docs = load_realdata(realdata_dir())
         layout_cfg = load_config(REPO / "params.yaml", [f"paths.root={work}", f"tokenize.max_length={args.max_length}",
                                                        "tokenize.packing=true"])
         layout = Layout.from_config(layout_cfg)
-        lines = [ln for _, t in docs for ln in t.splitlines() if ln.strip()]
-        lines += [t["output"] for c in chats for t in c["conversation"]]
+        # the demo's tokenizer training (`orca8k.model.pretrain.build_demo_base`): every text cut into its lines, so
+        # no piece holds a newline — as in Llama-2's vocabulary, where "\n" is always the byte piece <0x0A>
+        texts = [t for _, t in docs] + [t["output"] for c in chats for t in c["conversation"]]
+        lines = [ln for t in texts for ln in t.split("\n")]
         t0 = time.perf_counter()
         train_sentencepiece(lines, layout.base, vocab_size=args.vocab_size, input_sentence_size=200_000)
         spm_seconds = time.perf_counter() - t0

@@ -208,6 +208,30 @@ def test_example_stats_count_from_the_arrays_alone(tokenizer):
     assert stats_of([(chat.input_ids, chat.labels)], special, train_on_system=True)["supervised_outside_reply"] == [0]
 
 
+def test_example_stats_on_malformed_rows_by_hand():
+    """Rows the encoder never makes, counted by hand: a role token at an example's first position (no BOS), two role
+    tokens in a row, a supervised token before any role token, and a reply running to the end without `</s>`."""
+    special = SpecialIds(bos=1, eos=2, system=3, prompter=4, assistant=5)
+    rows = [
+        # <|assistant|> x </s>   (starts with a role token; its own label supervised)
+        ([5, 9, 2], [5, 9, 2]),
+        # <s> 9 <|prompter|><|assistant|> 9 9     (supervised before any role; adjacent roles; reply without </s>)
+        ([1, 9, 4, 5, 9, 9], [-100, 9, -100, -100, 9, 9]),
+        # <s> <|system|> 7 </s> <|prompter|> 8 </s> <|assistant|> 6 </s>
+        ([1, 3, 7, 2, 4, 8, 2, 5, 6, 2], [-100, -100, 7, -100, -100, -100, -100, -100, 6, 2]),
+    ]
+    s = stats_of(rows, special)
+    assert s["num_tokens"] == [3, 6, 10] and s["supervised_tokens"] == [3, 3, 3]
+    assert s["bos_first"] == [False, True, True] and s["bos_tokens"] == [0, 1, 1]
+    assert s["assistant_tokens"] == [1, 1, 1] and s["prompter_tokens"] == [0, 1, 1] and s["system_tokens"] == [0, 0, 1]
+    assert s["complete_replies"] == [1, 0, 1] and s["ends_with_eos"] == [True, False, True]
+    assert s["supervised_eos"] == [1, 0, 1] and s["eos_tokens"] == [1, 0, 3]
+    # row 0: the role token's own label; row 1: the token before any role; row 2: the system content
+    assert s["supervised_outside_reply"] == [1, 1, 1]
+    assert stats_of(rows, special, train_on_system=True)["supervised_outside_reply"] == [1, 1, 0]
+    assert s["label_mismatch"] == [0, 0, 0]
+
+
 def test_packed_row_stats_see_broken_positions():
     import pyarrow as pa
 

@@ -61,14 +61,6 @@ def plan_bins(lengths: Sequence[int] | np.ndarray, max_length: int) -> list[list
     return bins
 
 
-def _gather(values: np.ndarray, offsets: np.ndarray, order: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Concatenate the rows `order` of a ragged array (flat `values`, `offsets`); returns (values, row lengths)."""
-    starts, lens = offsets[order], offsets[order + 1] - offsets[order]
-    total = int(lens.sum())
-    shift = np.repeat(starts - np.concatenate([[0], np.cumsum(lens)[:-1]]), lens)
-    return values[np.arange(total) + shift], lens
-
-
 def pack_table(table: pa.Table, max_length: int) -> pa.Table:
     """Pack the examples of an Arrow table (`input_ids`, `labels` list columns) into rows of ≤ `max_length` tokens.
 
@@ -86,28 +78,28 @@ def pack_table(table: pa.Table, max_length: int) -> pa.Table:
         ValueError: `input_ids` and `labels` differ in length somewhere, or an example exceeds `max_length`.
     """
     import pyarrow as pa
+    import pyarrow.compute as pc
 
-    ids_col = table.column("input_ids").combine_chunks()
-    labels_col = table.column("labels").combine_chunks()
-    offsets = ids_col.offsets.to_numpy().astype(np.int64)
-    lengths = np.diff(offsets)
-    if not np.array_equal(lengths, np.diff(labels_col.offsets.to_numpy())):
+    ids_col, labels_col = table.column("input_ids"), table.column("labels")
+    lengths = pc.list_value_length(ids_col).to_numpy().astype(np.int64)
+    if not np.array_equal(lengths, pc.list_value_length(labels_col).to_numpy()):
         raise ValueError("pack_table: input_ids and labels differ in length in some row")
-    offsets = offsets - offsets[0]
-    ids = ids_col.flatten().to_numpy()
-    labels = labels_col.flatten().to_numpy()
     bins = plan_bins(lengths, max_length)
-    order = np.fromiter((i for b in bins for i in b), dtype=np.int64, count=len(lengths))
-    packed_ids, lens = _gather(ids, offsets, order)
-    packed_labels, _ = _gather(labels, offsets, order)
-    starts = np.concatenate([[0], np.cumsum(lens)[:-1]])
-    positions = (np.arange(int(lens.sum())) - np.repeat(starts, lens)).astype(np.int32)
+    order = pa.array(np.fromiter((i for b in bins for i in b), dtype=np.int64, count=len(lengths)))
+    # the examples in bin order, concatenated (Arrow's take: one copy of the values)
+    packed_ids = ids_col.take(order).combine_chunks().flatten()
+    packed_labels = labels_col.take(order).combine_chunks().flatten()
+    lens = lengths[order.to_numpy()].astype(np.int32)
+    starts = np.concatenate([[0], np.cumsum(lens, dtype=np.int64)[:-1]]).astype(np.int32)
+    positions = np.arange(len(packed_ids), dtype=np.int32) - np.repeat(starts, lens)
     per_bin = np.array([len(b) for b in bins], dtype=np.int64)
-    row_tokens = np.add.reduceat(lens, np.concatenate([[0], np.cumsum(per_bin)[:-1]])) if bins else np.array([], np.int64)
+    row_tokens = np.add.reduceat(lens, np.concatenate([[0], np.cumsum(per_bin)[:-1]]), dtype=np.int64) if bins \
+        else np.array([], np.int64)
     row_offsets = pa.array(np.concatenate([[0], np.cumsum(row_tokens)]).astype(np.int32))
 
-    def ragged(values: np.ndarray) -> pa.Array:
-        return pa.ListArray.from_arrays(row_offsets, pa.array(values.astype(np.int32)))
+    def ragged(values: pa.Array | np.ndarray) -> pa.Array:
+        values = values if isinstance(values, pa.Array) else pa.array(values)
+        return pa.ListArray.from_arrays(row_offsets, values.cast(pa.int32()))
 
     columns = {
         "input_ids": ragged(packed_ids),
@@ -116,7 +108,7 @@ def pack_table(table: pa.Table, max_length: int) -> pa.Table:
         "num_examples": pa.array(per_bin.astype(np.int32)),
     }
     if "source" in table.column_names:
-        names = table.column("source").combine_chunks().take(pa.array(order))
+        names = table.column("source").take(order).combine_chunks()
         example_offsets = pa.array(np.concatenate([[0], np.cumsum(per_bin)]).astype(np.int32))
         columns["sources"] = pa.ListArray.from_arrays(example_offsets, names)
     return pa.table(columns)

@@ -45,17 +45,33 @@ class SpecialIds:
 
 
 def _flat(column: pa.ChunkedArray | pa.Array) -> tuple[np.ndarray, np.ndarray]:
-    """(flat values as int64, offsets starting at 0) of a list column."""
+    """(flat values, offsets starting at 0 as int64) of a list column; the values stay in their Arrow type (no copy
+    for a single chunk without nulls)."""
     import pyarrow as pa
 
     arr = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
     offsets = arr.offsets.to_numpy().astype(np.int64)
-    return arr.flatten().to_numpy(zero_copy_only=False).astype(np.int64), offsets - offsets[0]
+    return arr.flatten().to_numpy(zero_copy_only=False), offsets - offsets[0]
+
+
+def _count_dense(mask: np.ndarray, starts: np.ndarray) -> np.ndarray:
+    """Per-row count of a dense boolean mask (rows begin at `starts`; none is empty)."""
+    return np.add.reduceat(mask, starts, dtype=np.int64)
+
+
+def _count_at(positions: np.ndarray, offsets: np.ndarray) -> np.ndarray:
+    """Per-row count of sorted flat `positions` (rows delimited by `offsets`): for sparse masks, without a pass over
+    every token."""
+    return np.diff(np.searchsorted(positions, offsets))
 
 
 def example_stats(input_ids: pa.ChunkedArray | pa.Array, labels: pa.ChunkedArray | pa.Array, special: SpecialIds,
                   train_on_system: bool = False) -> dict[str, np.ndarray]:
     """Per-example counts (see the module docstring) of one batch of examples.
+
+    Dense masks are counted per example with `np.add.reduceat`; special tokens (a few per example) by their positions.
+    Blocks come from the role tokens' positions: a block runs from a role token (or the example's start, block
+    `NONE`) to the next one, and its targets are counted in one `reduceat` over the block starts.
 
     Args:
         input_ids: list column, one example per row, `[seq_len]` each.
@@ -78,42 +94,54 @@ def example_stats(input_ids: pa.ChunkedArray | pa.Array, labels: pa.ChunkedArray
         return {k: np.zeros(0, dtype=np.int64) for k in _COLUMNS}
     if lengths.min() <= 0:
         raise ValueError(f"token stats: example {int(np.argmin(lengths))} is empty")
-    starts = off[:-1]
-
-    def per_example(mask: np.ndarray) -> np.ndarray:
-        return np.add.reduceat(mask.astype(np.int64), starts)
+    starts, ends = off[:-1], off[1:] - 1
 
     target = lab != IGNORE_INDEX
-    is_system, is_prompter, is_assistant = ids == special.system, ids == special.prompter, ids == special.assistant
-    is_role = is_system | is_prompter | is_assistant
-    # the block each position is in: forward-fill the code of the last role token, restarting at each example
-    code = np.zeros(ids.size, dtype=np.int8)
-    code[is_system], code[is_prompter], code[is_assistant] = SYSTEM_BLOCK, PROMPTER_BLOCK, ASSISTANT_BLOCK
-    marker = is_role.copy()
-    marker[starts] = True
-    last = np.maximum.accumulate(np.where(marker, np.arange(ids.size), 0))
-    block = code[last]
-    allowed = (block == ASSISTANT_BLOCK) | ((block == SYSTEM_BLOCK) & train_on_system)
-    ends = off[1:] - 1
+    at = {name: np.flatnonzero(ids == getattr(special, name)) for name in ("bos", "eos", "system", "prompter",
+                                                                             "assistant")}
+    # blocks: each example's start (NONE) and each role token open one; a block's targets are counted from the
+    # cumulative sum, so no per-token block array is built
+    role_pos = np.concatenate([at["system"], at["prompter"], at["assistant"]])
+    role_code = np.concatenate([np.full(at["system"].size, SYSTEM_BLOCK, np.int8),
+                                np.full(at["prompter"].size, PROMPTER_BLOCK, np.int8),
+                                np.full(at["assistant"].size, ASSISTANT_BLOCK, np.int8)])
+    block_start = np.concatenate([starts, role_pos])
+    block_code = np.concatenate([np.full(starts.size, NONE, np.int8), role_code])
+    order = np.argsort(block_start, kind="stable")
+    block_start, block_code = block_start[order], block_code[order]
+    # a role token at an example's very start replaces that example's empty NONE block (starts must be distinct)
+    keep = np.append(block_start[1:] != block_start[:-1], True)
+    block_start, block_code = block_start[keep], block_code[keep]
+    allowed = (block_code == ASSISTANT_BLOCK) | ((block_code == SYSTEM_BLOCK) & train_on_system)
+    # targets outside a reply: every target in a block that is not allowed, plus a target on a role token itself
+    outside = _count_dense(target, block_start)
+    outside[allowed] = 0
+    outside[allowed] += target[block_start[allowed]] & (block_code[allowed] != NONE)
+    block_example = np.searchsorted(off, block_start, side="right") - 1
+    supervised_outside_reply = np.bincount(block_example, weights=outside, minlength=lengths.size).astype(np.int64)
+
     ends_with_eos = ids[ends] == special.eos
     # a reply is complete when its block is closed by </s>: every assistant token except one whose block runs to the
     # end of the example without a final </s>
-    last_block_is_reply = block[ends] == ASSISTANT_BLOCK
-    assistant_tokens = per_example(is_assistant)
+    last_block = np.searchsorted(block_start, ends, side="right") - 1
+    last_block_is_reply = block_code[last_block] == ASSISTANT_BLOCK
+    assistant_tokens = _count_at(at["assistant"], off)
+    mismatch = np.flatnonzero(lab != ids)
+    mismatch = mismatch[target[mismatch]]
     return {
         "num_tokens": lengths,
-        "supervised_tokens": per_example(target),
-        "supervised_eos": per_example(target & (lab == special.eos)),
-        "eos_tokens": per_example(ids == special.eos),
-        "bos_tokens": per_example(ids == special.bos),
+        "supervised_tokens": _count_dense(target, starts),
+        "supervised_eos": _count_at(np.flatnonzero(lab == special.eos), off),
+        "eos_tokens": _count_at(at["eos"], off),
+        "bos_tokens": _count_at(at["bos"], off),
         "bos_first": ids[starts] == special.bos,
         "ends_with_eos": ends_with_eos,
-        "system_tokens": per_example(is_system),
-        "prompter_tokens": per_example(is_prompter),
+        "system_tokens": _count_at(at["system"], off),
+        "prompter_tokens": _count_at(at["prompter"], off),
         "assistant_tokens": assistant_tokens,
         "complete_replies": assistant_tokens - (last_block_is_reply & ~ends_with_eos).astype(np.int64),
-        "supervised_outside_reply": per_example(target & (~allowed | is_role)),
-        "label_mismatch": per_example(target & (lab != ids)),
+        "supervised_outside_reply": supervised_outside_reply,
+        "label_mismatch": _count_at(mismatch, off),
     }
 
 
@@ -125,28 +153,26 @@ _COLUMNS = ("num_tokens", "supervised_tokens", "supervised_eos", "eos_tokens", "
 def packed_row_stats(input_ids: pa.ChunkedArray | pa.Array, labels: pa.ChunkedArray | pa.Array,
                      position_ids: pa.ChunkedArray | pa.Array, special: SpecialIds) -> dict[str, np.ndarray]:
     """Per packed row: `num_tokens`, `supervised_tokens`, `segments` (position restarts), `bos_tokens`,
-    `bos_at_restart` (`<s>` exactly where positions restart), `positions_consecutive` (positions step by 1 inside
-    each segment), `label_at_restart` (targets on a segment's first token: must be 0)."""
+    `bos_at_restart` (`<s>` exactly where positions restart), `broken_positions` (positions that neither step by 1
+    nor restart at 0, a row's first position counting as broken unless it is 0), `label_at_restart` (targets on a
+    segment's first token: must be 0)."""
     ids, off = _flat(input_ids)
     lab, _ = _flat(labels)
     pos, _ = _flat(position_ids)
     starts = off[:-1]
     if starts.size == 0:
         return {}
-
-    def per_row(mask: np.ndarray) -> np.ndarray:
-        return np.add.reduceat(mask.astype(np.int64), starts)
-
-    restart = pos == 0
-    step_ok = np.ones(ids.size, dtype=bool)
-    step_ok[1:] = (pos[1:] == pos[:-1] + 1) | restart[1:]
-    step_ok[starts] = restart[starts]
+    restart = np.flatnonzero(pos == 0)
+    bos = np.flatnonzero(ids == special.bos)
+    broken = np.flatnonzero((pos[1:] != pos[:-1] + 1) & (pos[1:] != 0)) + 1  # inside or across rows
+    broken = broken[~np.isin(broken, starts)]  # a row's first position is judged on its own, below
+    broken = np.union1d(broken, starts[pos[starts] != 0])
     return {
         "num_tokens": np.diff(off),
-        "supervised_tokens": per_row(lab != IGNORE_INDEX),
-        "segments": per_row(restart),
-        "bos_tokens": per_row(ids == special.bos),
-        "bos_at_restart": per_row(restart & (ids == special.bos)),
-        "broken_positions": per_row(~step_ok),
-        "label_at_restart": per_row(restart & (lab != IGNORE_INDEX)),
+        "supervised_tokens": _count_dense(lab != IGNORE_INDEX, starts),
+        "segments": _count_at(restart, off),
+        "bos_tokens": _count_at(bos, off),
+        "bos_at_restart": _count_at(np.intersect1d(restart, bos, assume_unique=True), off),
+        "broken_positions": _count_at(broken, off),
+        "label_at_restart": _count_at(restart[lab[restart] != IGNORE_INDEX], off),
     }

@@ -44,6 +44,7 @@ from orca8k.stages import StageResult
 
 if TYPE_CHECKING:
     import pandas as pd
+    import pyarrow as pa
     from datasets import Dataset
 
 SPLITS = ("train", "val")
@@ -211,34 +212,67 @@ def _features() -> Any:
     })
 
 
-def encode_batch(batch: dict[str, list], encoder: ChatEncoder, max_length: int, source_file: str) -> dict[str, list]:
-    """`datasets.map` function: a batch of mix rows → one output row per example (dropped ones flagged).
+def encode_batch(batch: pa.Table, encoder: ChatEncoder, max_length: int, source_file: str) -> pa.Table:
+    """`datasets.map` function (Arrow format): a batch of mix rows → one output row per example (dropped ones flagged,
+    `_features()` columns), built as Arrow arrays straight from the encoder's lists.
 
     Raises:
         DataError: naming `source_file`, the row id and the field.
     """
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    kinds, row_ids = batch.column("kind").to_pylist(), batch.column("id").to_pylist()
     try:
-        rows = encoder.encode_rows(batch["kind"], batch["messages"], batch["text"], max_length)
+        rows = encoder.encode_rows(kinds, batch.column("messages").to_pylist(), batch.column("text").to_pylist(),
+                                   max_length)
     except RowError as err:
-        field = "messages" if batch["kind"][err.row] == "chat" else "kind/text"
-        raise DataError(f"{source_file}: row id={batch['id'][err.row]!r}: {field}: {err.message}") from None
-    out: dict[str, list] = {k: [] for k in _features()}
+        field = "messages" if kinds[err.row] == "chat" else "kind/text"
+        raise DataError(f"{source_file}: row id={row_ids[err.row]!r}: {field}: {err.message}") from None
+    owner: list[int] = []  # the mix row of each output row
+    meta: dict[str, list] = {"part": [], "parts": [], "assistant_turns": [], "cut_tokens": [], "dropped": []}
+    input_ids: list[list[int]] = []
+    labels: list[list[int]] = []
     for i, row in enumerate(rows):
         for dropped, examples in ((False, row.examples), (True, row.dropped_examples)):
             for k, e in enumerate(examples):
-                part = e.meta["part"] if not dropped else -1 - k
-                out["id"].append(f"{batch['id'][i]}#{part}")
-                out["row_id"].append(batch["id"][i])
-                out["source"].append(batch["source"][i])
-                out["kind"].append(batch["kind"][i])
-                out["part"].append(part)
-                out["parts"].append(len(row.examples))
-                out["input_ids"].append(e.input_ids)
-                out["labels"].append(e.labels)
-                out["assistant_turns"].append(e.meta["assistant_turns"])
-                out["cut_tokens"].append(e.meta["cut_tokens"])
-                out["dropped"].append(dropped)
-    return out
+                owner.append(i)
+                meta["part"].append(e.meta["part"] if not dropped else -1 - k)
+                meta["parts"].append(len(row.examples))
+                meta["assistant_turns"].append(e.meta["assistant_turns"])
+                meta["cut_tokens"].append(e.meta["cut_tokens"])
+                meta["dropped"].append(dropped)
+                input_ids.append(e.input_ids)
+                labels.append(e.labels)
+    take = pa.array(owner, pa.int64())
+    row_id = batch.column("id").take(take)
+    parts = pa.array(meta["part"], pa.int32())
+    return pa.table({
+        "id": pc.binary_join_element_wise(row_id, parts.cast(pa.string()), "#"),
+        "row_id": row_id,
+        "source": batch.column("source").take(take),
+        "kind": batch.column("kind").take(take),
+        "part": parts,
+        "parts": pa.array(meta["parts"], pa.int32()),
+        "input_ids": _int32_lists(input_ids),
+        "labels": _int32_lists(labels),
+        "assistant_turns": pa.array(meta["assistant_turns"], pa.int32()),
+        "cut_tokens": pa.array(meta["cut_tokens"], pa.int32()),
+        "dropped": pa.array(meta["dropped"], pa.bool_()),
+    })
+
+
+def _int32_lists(lists: list[list[int]]) -> pa.Array:
+    """`list<int32>` Arrow array of Python int lists (one flat copy through numpy)."""
+    import itertools
+
+    import pyarrow as pa
+
+    lengths = np.fromiter(map(len, lists), np.int64, len(lists))
+    offsets = np.zeros(len(lists) + 1, np.int32)
+    np.cumsum(lengths, out=offsets[1:])
+    values = np.fromiter(itertools.chain.from_iterable(lists), np.int32, int(offsets[-1]))
+    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(values))
 
 
 def _encode_split(path: Path, encoder: ChatEncoder, max_length: int, num_proc: int, work: Path, split: str
@@ -249,7 +283,7 @@ def _encode_split(path: Path, encoder: ChatEncoder, max_length: int, num_proc: i
 
     table = pq.read_table(path, columns=["id", "source", "kind", "messages", "text"])
     work.mkdir(parents=True, exist_ok=True)
-    encoded = Dataset(table).map(
+    encoded = Dataset(table).with_format("arrow").map(
         encode_batch, batched=True, batch_size=MAP_BATCH_ROWS, num_proc=num_proc if num_proc > 1 else None,
         remove_columns=table.column_names, features=_features(),
         fn_kwargs={"encoder": encoder, "max_length": max_length, "source_file": str(path)},
@@ -257,7 +291,7 @@ def _encode_split(path: Path, encoder: ChatEncoder, max_length: int, num_proc: i
         # a fixed fingerprint: datasets would otherwise pickle the encoder (tokenizer included) to hash it; the work
         # folder is fresh on every run, so no stale cache can be picked up
         new_fingerprint=f"orca8k-tokenize-{split}", load_from_cache_file=False,
-    )
+    ).with_format(None)
     flags = encoded.data.column("dropped").to_numpy(zero_copy_only=False)
     dropped_rows = encoded.select(np.flatnonzero(flags)).to_list() if flags.any() else []
     lines = [json.dumps({"split": split, "id": r["id"], "row_id": r["row_id"], "source": r["source"],

@@ -145,6 +145,16 @@ class RowExamples:
         return len(self.dropped_examples)
 
 
+@dataclass
+class SegmentedRows:
+    """A batch of mix rows after `ChatEncoder.segment_rows`: per row its kind, its messages (chat rows; None for
+    text) and its segment ids (chat: one id list per message; text: the text's ids, with the `▁` dummy prefix)."""
+
+    kinds: list[str]
+    messages: list[Any]
+    segment_ids: list[Any]
+
+
 class ChatEncoder:
     """Encodes conversations, pretraining text and generation prompts with the OA format.
 
@@ -243,7 +253,7 @@ class ChatEncoder:
         self, kinds: Sequence[str], messages: Sequence[Any], texts: Sequence[str | None], max_length: int
     ) -> list[RowExamples]:
         """Batched `encode_chat_examples` / `encode_text_examples` over rows of the mix (one tokenizer call per
-        segment kind for the whole batch; the same result as one call per row).
+        segment kind for the whole batch; the same result as one call per row): `assemble_rows(segment_rows(...))`.
 
         Args:
             kinds: `"chat"` or `"text"` per row.
@@ -259,13 +269,22 @@ class ChatEncoder:
                 without text; `.row` is the row's index.
         """
         _check_max_length(max_length)
+        return self.assemble_rows(self.segment_rows(kinds, messages, texts), max_length)
+
+    def segment_rows(self, kinds: Sequence[str], messages: Sequence[Any], texts: Sequence[str | None]
+                     ) -> SegmentedRows:
+        """The tokenizer's half of `encode_rows`: check the rows and encode every segment of the batch (one call into
+        the Rust tokenizer per segment kind, which releases the GIL, so a thread can run it while another assembles
+        the previous batch).
+
+        Raises:
+            RowError: as `encode_rows`.
+        """
         chat_rows = [i for i, k in enumerate(kinds) if k == "chat"]
         text_rows = [i for i, k in enumerate(kinds) if k == "text"]
         if len(chat_rows) + len(text_rows) != len(kinds):
             bad = next(i for i, k in enumerate(kinds) if k not in ("chat", "text"))
             raise RowError(bad, f"kind {kinds[bad]!r} is neither 'chat' nor 'text'")
-        out: list[RowExamples | None] = [None] * len(kinds)
-        # all chat segments of the batch in one call
         segments: list[str] = []
         for i in chat_rows:
             try:
@@ -273,17 +292,30 @@ class ChatEncoder:
             except ValueError as err:
                 raise RowError(i, str(err)) from None
             segments += [m["content"] for m in messages[i]]
-        ids = iter(self.segment_ids_batch(segments))
-        for i in chat_rows:
-            system, exchanges = self._chat_segments(messages[i], lambda texts: [next(ids) for _ in texts], checked=True)
-            out[i] = self._chat_examples(system, exchanges, max_length)
         for i in text_rows:
             if not isinstance(texts[i], str):
                 raise RowError(i, "a text row needs a string `text`")
-        text_ids = self.segment_ids_batch([texts[i] for i in text_rows], first=True)
-        for i, ids_i in zip(text_rows, text_ids, strict=True):
-            out[i] = self._text_examples(ids_i, max_length, True)
-        return out  # type: ignore[return-value]
+        ids: list[Any] = [None] * len(kinds)
+        chat_ids = iter(self.segment_ids_batch(segments))
+        for i in chat_rows:
+            ids[i] = [next(chat_ids) for _ in messages[i]]
+        for i, ids_i in zip(text_rows, self.segment_ids_batch([texts[i] for i in text_rows], first=True),
+                            strict=True):
+            ids[i] = ids_i
+        return SegmentedRows(list(kinds), [messages[i] if k == "chat" else None for i, k in enumerate(kinds)], ids)
+
+    def assemble_rows(self, rows: SegmentedRows, max_length: int) -> list[RowExamples]:
+        """The format's half of `encode_rows`: special ids, label masks and the length rules on `segment_rows`'s
+        output (pure Python; no tokenizer call)."""
+        _check_max_length(max_length)
+        out: list[RowExamples] = []
+        for kind, messages, ids in zip(rows.kinds, rows.messages, rows.segment_ids, strict=True):
+            if kind == "chat":
+                system, exchanges = self._chat_segments(messages, lambda _texts, ids=ids: ids, checked=True)
+                out.append(self._chat_examples(system, exchanges, max_length))
+            else:
+                out.append(self._text_examples(ids, max_length, True))
+        return out
 
     # ------------------------------------------------------------------ assembly (the format rules)
     def _chat_segments(self, messages: Sequence[dict[str, Any]], encode: Any, checked: bool = False

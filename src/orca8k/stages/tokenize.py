@@ -15,8 +15,9 @@ base tokenizer (`orca8k.model.base.resolve_base`). Writes:
 - `layout.tokenize_metrics` (DVC metrics): per split and per source rows, examples, tokens, supervised tokens, share,
   split/cut/drop counts and rates (`plan.py` reads `["train"]["rows" | "tokens" | "supervised_tokens"]`).
 
-Encoding is `ChatEncoder.encode_rows` inside `datasets.map` (batched; `tokenize.num_proc` processes; progress bar);
-segments of a batch go through the Rust tokenizer in one call. Packing plans bins per shard of examples so memory
+Encoding is `EncodeBatches` inside `datasets.map` (batched, Arrow in and out; `tokenize.num_proc` processes; progress
+bar): segments of a batch go through the Rust tokenizer in one call, and in one process the next batch's call runs in
+a thread while this batch is assembled. Packing plans bins per shard of examples so memory
 stays bounded by the shard, not the split.
 """
 
@@ -28,13 +29,14 @@ import os
 import shutil
 import time
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from orca8k.config import Config
-from orca8k.data.chat_format import ChatEncoder, RowError
+from orca8k.data.chat_format import ChatEncoder, RowError, RowExamples, SegmentedRows
 from orca8k.data.packing import pack_table
 from orca8k.data.token_stats import SpecialIds, example_stats, packed_row_stats
 from orca8k.errors import DataError, StageInputMissing, ValidationFailed
@@ -212,23 +214,86 @@ def _features() -> Any:
     })
 
 
-def encode_batch(batch: pa.Table, encoder: ChatEncoder, max_length: int, source_file: str) -> pa.Table:
-    """`datasets.map` function (Arrow format): a batch of mix rows → one output row per example (dropped ones flagged,
-    `_features()` columns), built as Arrow arrays straight from the encoder's lists.
+class EncodeBatches:
+    """The `datasets.map` function (Arrow format, `with_indices=True`): a batch of mix rows → one output row per
+    example (dropped ones flagged, `_features()` columns), built as Arrow arrays straight from the encoder's lists.
+
+    With `prefetch` (the split's table, read in `batch_rows` batches in order: one process), the next batch's
+    segments go through the Rust tokenizer (`ChatEncoder.segment_rows`, which releases the GIL) in a background
+    thread while this batch is assembled, so the tokenizer's threads and the Python work share the cores; a batch
+    that was not prefetched is segmented on the spot. Without `prefetch` (picklable: `num_proc > 1`) each batch is
+    encoded in turn.
+
+    Args:
+        encoder: the chat encoder.
+        max_length: tokens per example.
+        source_file: named in errors.
+        prefetch: the table `datasets.map` runs over (no indices mapping), or None.
+        batch_rows: `datasets.map`'s `batch_size`.
 
     Raises:
-        DataError: naming `source_file`, the row id and the field.
+        DataError: (on call) naming `source_file`, the row id and the field.
     """
+
+    def __init__(self, encoder: ChatEncoder, max_length: int, source_file: str, prefetch: pa.Table | None = None,
+                 batch_rows: int = MAP_BATCH_ROWS) -> None:
+        self.encoder, self.max_length, self.source_file = encoder, max_length, source_file
+        self.table, self.batch_rows = prefetch, batch_rows
+        self._pool: ThreadPoolExecutor | None = None
+        self._pending: tuple[int, Future] | None = None
+
+    def __call__(self, batch: pa.Table, indices: list[int]) -> pa.Table:
+        start = indices[0] if indices else 0
+        if self._pending is not None and self._pending[0] == start:
+            segmented = self._pending[1]
+        else:
+            segmented = self._submit(start, batch)
+        following = start + len(indices)
+        self._pending = (following, self._submit(following)) \
+            if self.table is not None and following < len(self.table) else None
+        try:
+            rows = self.encoder.assemble_rows(segmented.result(), self.max_length)
+        except RowError as err:
+            kind = batch.column("kind")[err.row].as_py()
+            field = "messages" if kind == "chat" else "kind/text"
+            raise DataError(f"{self.source_file}: row id={batch.column('id')[err.row].as_py()!r}: {field}: "
+                            f"{err.message}") from None
+        return _examples_table(batch, rows)
+
+    def close(self) -> None:
+        """Stop the prefetch thread (a pending batch is dropped)."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+        self._pool, self._pending = None, None
+
+    def _submit(self, start: int, batch: pa.Table | None = None) -> Future:
+        if batch is None:
+            assert self.table is not None
+            batch = self.table.slice(start, self.batch_rows)
+        if self.table is None:  # no thread: encode now
+            done: Future = Future()
+            try:
+                done.set_result(self._segment(batch))
+            except RowError as err:
+                done.set_exception(err)
+            return done
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(1, thread_name_prefix="orca8k-tokenize")
+        return self._pool.submit(self._segment, batch)
+
+    def _segment(self, batch: pa.Table) -> SegmentedRows:
+        return self.encoder.segment_rows(batch.column("kind").to_pylist(), batch.column("messages").to_pylist(),
+                                         batch.column("text").to_pylist())
+
+    def __getstate__(self) -> dict[str, Any]:  # datasets pickles the function for its workers
+        return {**self.__dict__, "table": None, "_pool": None, "_pending": None}
+
+
+def _examples_table(batch: pa.Table, rows: list[RowExamples]) -> pa.Table:
+    """One output row per example of `rows` (the encoded mix rows of `batch`), kept and dropped."""
     import pyarrow as pa
     import pyarrow.compute as pc
 
-    kinds, row_ids = batch.column("kind").to_pylist(), batch.column("id").to_pylist()
-    try:
-        rows = encoder.encode_rows(kinds, batch.column("messages").to_pylist(), batch.column("text").to_pylist(),
-                                   max_length)
-    except RowError as err:
-        field = "messages" if kinds[err.row] == "chat" else "kind/text"
-        raise DataError(f"{source_file}: row id={row_ids[err.row]!r}: {field}: {err.message}") from None
     owner: list[int] = []  # the mix row of each output row
     meta: dict[str, list] = {"part": [], "parts": [], "assistant_turns": [], "cut_tokens": [], "dropped": []}
     input_ids: list[list[int]] = []
@@ -283,15 +348,19 @@ def _encode_split(path: Path, encoder: ChatEncoder, max_length: int, num_proc: i
 
     table = pq.read_table(path, columns=["id", "source", "kind", "messages", "text"])
     work.mkdir(parents=True, exist_ok=True)
-    encoded = Dataset(table).with_format("arrow").map(
-        encode_batch, batched=True, batch_size=MAP_BATCH_ROWS, num_proc=num_proc if num_proc > 1 else None,
-        remove_columns=table.column_names, features=_features(),
-        fn_kwargs={"encoder": encoder, "max_length": max_length, "source_file": str(path)},
-        cache_file_name=str(work / f"{split}-encoded.arrow"), desc=f"tokenize {split}",
-        # a fixed fingerprint: datasets would otherwise pickle the encoder (tokenizer included) to hash it; the work
-        # folder is fresh on every run, so no stale cache can be picked up
-        new_fingerprint=f"orca8k-tokenize-{split}", load_from_cache_file=False,
-    ).with_format(None)
+    function = EncodeBatches(encoder, max_length, str(path), prefetch=table if num_proc <= 1 else None)
+    try:
+        encoded = Dataset(table).with_format("arrow").map(
+            function, batched=True, batch_size=MAP_BATCH_ROWS, with_indices=True,
+            num_proc=num_proc if num_proc > 1 else None, remove_columns=table.column_names, features=_features(),
+            cache_file_name=str(work / f"{split}-encoded.arrow"), desc=f"tokenize {split}",
+            # a fixed fingerprint: datasets would otherwise pickle the encoder (tokenizer included) to hash it; the
+            # work folder is fresh on every run, so no stale cache can be picked up
+            new_fingerprint=f"orca8k-tokenize-{split}", load_from_cache_file=False,
+        )
+    finally:
+        function.close()
+    encoded = encoded.with_format(None)
     flags = encoded.data.column("dropped").to_numpy(zero_copy_only=False)
     dropped_rows = encoded.select(np.flatnonzero(flags)).to_list() if flags.any() else []
     lines = [json.dumps({"split": split, "id": r["id"], "row_id": r["row_id"], "source": r["source"],

@@ -91,7 +91,7 @@ def example_stats(input_ids: pa.ChunkedArray | pa.Array, labels: pa.ChunkedArray
     if not np.array_equal(lengths, np.diff(lab_off)):
         raise ValueError("token stats: input_ids and labels differ in length in some example")
     if lengths.size == 0:
-        return {k: np.zeros(0, dtype=np.int64) for k in _COLUMNS}
+        return {k: np.zeros(0, dtype=bool if k in BOOL_STAT_COLUMNS else np.int64) for k in EXAMPLE_STAT_COLUMNS}
     if lengths.min() <= 0:
         raise ValueError(f"token stats: example {int(np.argmin(lengths))} is empty")
     starts, ends = off[:-1], off[1:] - 1
@@ -145,7 +145,9 @@ def example_stats(input_ids: pa.ChunkedArray | pa.Array, labels: pa.ChunkedArray
     }
 
 
-_COLUMNS = ("num_tokens", "supervised_tokens", "supervised_eos", "eos_tokens", "bos_tokens", "bos_first",
+# what `example_stats` returns, in order; the two flags are bool, the counts int64
+BOOL_STAT_COLUMNS = ("bos_first", "ends_with_eos")
+EXAMPLE_STAT_COLUMNS = ("num_tokens", "supervised_tokens", "supervised_eos", "eos_tokens", "bos_tokens", "bos_first",
             "ends_with_eos", "system_tokens", "prompter_tokens", "assistant_tokens", "complete_replies",
             "supervised_outside_reply", "label_mismatch")
 

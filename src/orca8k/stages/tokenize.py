@@ -38,7 +38,13 @@ import numpy as np
 from orca8k.config import Config
 from orca8k.data.chat_format import ChatEncoder, RowError, RowExamples, SegmentedRows
 from orca8k.data.packing import pack_table
-from orca8k.data.token_stats import SpecialIds, example_stats, packed_row_stats
+from orca8k.data.token_stats import (
+    BOOL_STAT_COLUMNS,
+    EXAMPLE_STAT_COLUMNS,
+    SpecialIds,
+    example_stats,
+    packed_row_stats,
+)
 from orca8k.errors import DataError, StageInputMissing, ValidationFailed
 from orca8k.layout import Layout
 from orca8k.model.tokenizer import load_base_tokenizer, padded_vocab_size, prepare_tokenizer
@@ -53,6 +59,8 @@ SPLITS = ("train", "val")
 MAP_BATCH_ROWS = 256  # mix rows per datasets.map batch (one Rust tokenizer call per batch)
 PACK_SHARD_EXAMPLES = 65536  # examples planned together by the bin packer (bounds memory)
 META_COLUMNS = ("id", "row_id", "source", "kind", "part", "parts", "assistant_turns", "cut_tokens")
+STAT_PREFIX = "stat_"  # per-example statistics ride along in the encoded work file, dropped before anything is saved
+STAT_COLUMNS = tuple(STAT_PREFIX + c for c in EXAMPLE_STAT_COLUMNS)
 
 
 def run(cfg: Config) -> StageResult:
@@ -89,12 +97,12 @@ def run(cfg: Config) -> StageResult:
                 examples, dropped = _encode_split(path, encoder, t.max_length, t.num_proc, layout.tokenize_work, split)
             dropped_lines += dropped
             with timer("stats"):
-                stats[split] = _example_frame(examples, special, t.train_on_system)
+                stats[split] = _example_frame(examples)
+                examples = examples.remove_columns(list(STAT_COLUMNS))
             out = layout.tokenized_train if split == "train" else layout.tokenized_val
             if split == "train" and t.packing:
                 with timer("pack"):
-                    packed = _pack(examples, t.max_length, layout.tokenize_work)
-                    counts[split] = _packed_counts(packed, special)
+                    packed, counts[split] = _pack(examples, t.max_length, layout.tokenize_work, special)
                 with timer("save"):
                     packed.save_to_disk(str(out))
                 del packed
@@ -211,7 +219,7 @@ def _features() -> Any:
         "id": Value("string"), "row_id": Value("string"), "source": Value("string"), "kind": Value("string"),
         "part": int32, "parts": int32, "input_ids": List(int32), "labels": List(int32), "assistant_turns": int32,
         "cut_tokens": int32, "dropped": Value("bool"),
-    })
+    } | {STAT_PREFIX + c: Value("bool" if c in BOOL_STAT_COLUMNS else "int64") for c in EXAMPLE_STAT_COLUMNS})
 
 
 class EncodeBatches:
@@ -238,6 +246,7 @@ class EncodeBatches:
     def __init__(self, encoder: ChatEncoder, max_length: int, source_file: str, prefetch: pa.Table | None = None,
                  batch_rows: int = MAP_BATCH_ROWS) -> None:
         self.encoder, self.max_length, self.source_file = encoder, max_length, source_file
+        self.special = SpecialIds.of(encoder)
         self.table, self.batch_rows = prefetch, batch_rows
         self._pool: ThreadPoolExecutor | None = None
         self._pending: tuple[int, Future] | None = None
@@ -258,7 +267,7 @@ class EncodeBatches:
             field = "messages" if kind == "chat" else "kind/text"
             raise DataError(f"{self.source_file}: row id={batch.column('id')[err.row].as_py()!r}: {field}: "
                             f"{err.message}") from None
-        return _examples_table(batch, rows)
+        return _examples_table(batch, rows, self.special, self.encoder.train_on_system)
 
     def close(self) -> None:
         """Stop the prefetch thread (a pending batch is dropped)."""
@@ -289,8 +298,10 @@ class EncodeBatches:
         return {**self.__dict__, "table": None, "_pool": None, "_pending": None}
 
 
-def _examples_table(batch: pa.Table, rows: list[RowExamples]) -> pa.Table:
-    """One output row per example of `rows` (the encoded mix rows of `batch`), kept and dropped."""
+def _examples_table(batch: pa.Table, rows: list[RowExamples], special: SpecialIds, train_on_system: bool
+                    ) -> pa.Table:
+    """One output row per example of `rows` (the encoded mix rows of `batch`), kept and dropped, with its
+    `example_stats` (computed from the Arrow arrays written) in `stat_*` columns."""
     import pyarrow as pa
     import pyarrow.compute as pc
 
@@ -312,6 +323,9 @@ def _examples_table(batch: pa.Table, rows: list[RowExamples]) -> pa.Table:
     take = pa.array(owner, pa.int64())
     row_id = batch.column("id").take(take)
     parts = pa.array(meta["part"], pa.int32())
+    ids_array, labels_array = _int32_lists(input_ids), _int32_lists(labels)
+    stats = example_stats(ids_array, labels_array, special, train_on_system) if input_ids else \
+        {c: np.zeros(0, dtype=bool if c in BOOL_STAT_COLUMNS else np.int64) for c in EXAMPLE_STAT_COLUMNS}
     return pa.table({
         "id": pc.binary_join_element_wise(row_id, parts.cast(pa.string()), "#"),
         "row_id": row_id,
@@ -319,12 +333,12 @@ def _examples_table(batch: pa.Table, rows: list[RowExamples]) -> pa.Table:
         "kind": batch.column("kind").take(take),
         "part": parts,
         "parts": pa.array(meta["parts"], pa.int32()),
-        "input_ids": _int32_lists(input_ids),
-        "labels": _int32_lists(labels),
+        "input_ids": ids_array,
+        "labels": labels_array,
         "assistant_turns": pa.array(meta["assistant_turns"], pa.int32()),
         "cut_tokens": pa.array(meta["cut_tokens"], pa.int32()),
         "dropped": pa.array(meta["dropped"], pa.bool_()),
-    })
+    } | {STAT_PREFIX + c: pa.array(stats[c]) for c in EXAMPLE_STAT_COLUMNS})
 
 
 def _int32_lists(lists: list[list[int]]) -> pa.Array:
@@ -370,46 +384,38 @@ def _encode_split(path: Path, encoder: ChatEncoder, max_length: int, num_proc: i
 
 
 # --------------------------------------------------------------------------------------------------- packing
-def _pack(examples: Dataset, max_length: int, work: Path) -> Dataset:
-    """Pack examples shard by shard into an Arrow stream file under `work`; returns the memory-mapped dataset."""
+def _pack(examples: Dataset, max_length: int, work: Path, special: SpecialIds) -> tuple[Dataset, dict[str, Any]]:
+    """Pack examples shard by shard into an Arrow stream file under `work`; returns the memory-mapped dataset and its
+    counts (`{"rows", "packed": packed_row_stats per row + num_examples}`), taken from each shard as it is packed."""
     import pyarrow as pa
     from datasets import Dataset
 
     path = work / "train-packed.arrow"
     writer = None
+    parts = []
     source = examples.select_columns(["input_ids", "labels", "source"]).with_format("arrow")  # sources: curves
     for shard in source.iter(batch_size=PACK_SHARD_EXAMPLES):
         packed = pack_table(shard, max_length)
+        parts.append(packed_row_stats(packed.column("input_ids"), packed.column("labels"),
+                                      packed.column("position_ids"), special)
+                     | {"num_examples": packed.column("num_examples").to_numpy()})
         if writer is None:
             writer = pa.ipc.new_stream(str(path), packed.schema)
         writer.write_table(packed)
     if writer is None:
         raise DataError("tokenize: no train example left to pack")
     writer.close()
-    return Dataset.from_file(str(path))
-
-
-def _packed_counts(packed: Dataset, special: SpecialIds) -> dict[str, Any]:
-    tables = packed.with_format("arrow").iter(batch_size=PACK_SHARD_EXAMPLES)
-    parts = [packed_row_stats(t.column("input_ids"), t.column("labels"), t.column("position_ids"), special)
-             | {"num_examples": t.column("num_examples").to_numpy()} for t in tables]
-    cols = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
-    return {"rows": len(packed), "packed": cols}
+    dataset = Dataset.from_file(str(path))
+    return dataset, {"rows": len(dataset), "packed": {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}}
 
 
 # --------------------------------------------------------------------------------------------------- statistics
-def _example_frame(examples: Dataset, special: SpecialIds, train_on_system: bool) -> pd.DataFrame:
-    """One row per example: the meta columns and `orca8k.data.token_stats.example_stats`."""
-    import pandas as pd
-
-    frames = []
-    for t in examples.with_format("arrow").iter(batch_size=PACK_SHARD_EXAMPLES):
-        cols = {c: t.column(c).to_numpy(zero_copy_only=False) for c in META_COLUMNS}
-        cols.update(example_stats(t.column("input_ids"), t.column("labels"), special, train_on_system))
-        frames.append(pd.DataFrame(cols))
-    if not frames:
-        return pd.DataFrame({c: [] for c in META_COLUMNS})
-    return pd.concat(frames, ignore_index=True)
+def _example_frame(examples: Dataset) -> pd.DataFrame:
+    """One row per example: the meta columns and the `stat_*` columns (`orca8k.data.token_stats.example_stats`,
+    computed per batch as the examples were written), named without the prefix."""
+    table = examples.select_columns(list(META_COLUMNS + STAT_COLUMNS)).with_format("arrow")[:]
+    frame = table.to_pandas()
+    return frame.rename(columns={s: s.removeprefix(STAT_PREFIX) for s in STAT_COLUMNS})
 
 
 def _rates(df: pd.DataFrame, mix_rows: int, dropped: int) -> dict[str, Any]:

@@ -90,9 +90,10 @@ def pack_table(table: pa.Table, max_length: int) -> pa.Table:
     # the examples in bin order, concatenated (Arrow's take: one copy of the values)
     packed_ids = ids_col.take(order).flatten()
     packed_labels = labels_col.take(order).flatten()
-    lens = lengths[order.to_numpy()].astype(np.int32)
-    starts = np.concatenate([[0], np.cumsum(lens, dtype=np.int64)[:-1]]).astype(np.int32)
-    positions = np.arange(len(packed_ids), dtype=np.int32) - np.repeat(starts, lens)
+    lens = lengths[order.to_numpy()]
+    # 0..len-1 per example: views of one short range, concatenated (one allocation of the output, no temporaries)
+    steps = np.arange(int(lens.max()) if lens.size else 0, dtype=np.int32)
+    positions = np.concatenate([steps[:n] for n in lens.tolist()]) if lens.size else np.zeros(0, np.int32)
     per_bin = np.array([len(b) for b in bins], dtype=np.int64)
     row_tokens = np.add.reduceat(lens, np.concatenate([[0], np.cumsum(per_bin)[:-1]]), dtype=np.int64) if bins \
         else np.array([], np.int64)

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from orca8k.config import apply_overrides, load_config, read_params
+from orca8k.config import apply_overrides, config_from_dict, load_config, read_params
 from orca8k.errors import ConfigError
 from orca8k.plan import count_parameters, make_plan
 from tests.fixtures.common import REPO, run_cli
@@ -142,6 +142,16 @@ def test_override_of_a_missing_key_fails_and_typed_values_parse():
     cfg = load_config(PARAMS, ["train.learning_rate=3e-4", "data.sources.red_pajama.fraction=0.5", "train.max_seconds=null"])
     assert cfg.train.learning_rate == 3e-4 and cfg.data.sources["red_pajama"].fraction == 0.5
     assert cfg.train.max_seconds is None
+
+
+def test_a_wrongly_typed_override_is_blamed_on_the_set_not_the_file():
+    with pytest.raises(ConfigError) as err:
+        load_config(PARAMS, ["train.learning_rate=abc"])
+    line = next(ln for ln in str(err.value).splitlines() if ln.strip().startswith("train.learning_rate:"))
+    assert line.endswith("(from --set train.learning_rate='abc')")
+    with pytest.raises(ConfigError) as err:  # a bad value in the file names no --set
+        config_from_dict({**read_params(PARAMS), "seed": "x"}, str(PARAMS))
+    assert "--set" not in str(err.value)
 
 
 @pytest.mark.parametrize(

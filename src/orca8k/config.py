@@ -443,17 +443,26 @@ def apply_overrides(data: dict[str, Any], overrides: list[str] | dict[str, Any])
     return out
 
 
-def _format_validation_error(err: ValidationError, source: str) -> str:
+def _format_validation_error(err: ValidationError, source: str, overridden: dict[str, Any] | None = None) -> str:
     lines = [f"{source}: invalid config"]
     for e in err.errors():
         loc = ".".join(str(p).rstrip("_") for p in e["loc"])
         msg = "unknown key" if e["type"] == "extra_forbidden" else e["msg"]
-        lines.append(f"  {loc or '(root)'}: {msg}")
+        # a value that came from --set is blamed on the --set, not on the file
+        origin = next((f" (from --set {k}={v!r})" for k, v in (overridden or {}).items()
+                       if loc == k or loc.startswith(k + ".")), "")
+        lines.append(f"  {loc or '(root)'}: {msg}{origin}")
     return "\n".join(lines)
 
 
-def config_from_dict(data: dict[str, Any], source: str = "<dict>") -> Config:
+def config_from_dict(data: dict[str, Any], source: str = "<dict>", overridden: dict[str, Any] | None = None
+                     ) -> Config:
     """Validate plain data as a `Config`.
+
+    Args:
+        data: the params as plain data.
+        source: named in errors (the params file).
+        overridden: dotted key → value of the `--set` overrides applied to `data`; errors under those keys say so.
 
     Raises:
         ConfigError: with one line per problem, each naming the dotted key.
@@ -461,7 +470,7 @@ def config_from_dict(data: dict[str, Any], source: str = "<dict>") -> Config:
     try:
         return Config.model_validate(data)
     except ValidationError as err:
-        raise ConfigError(_format_validation_error(err, source)) from None
+        raise ConfigError(_format_validation_error(err, source, overridden)) from None
 
 
 def read_params(path: str | Path) -> dict[str, Any]:
@@ -496,6 +505,9 @@ def load_config(path: str | Path = "params.yaml", overrides: list[str] | dict[st
         ConfigError: unreadable file, unknown key (named by its dotted path), wrong type, failed cross-field check.
     """
     data = read_params(path)
+    overridden: dict[str, Any] = {}
     if overrides:
         data = apply_overrides(data, overrides)
-    return config_from_dict(data, str(path))
+        items = overrides.items() if isinstance(overrides, dict) else (parse_override(o) for o in overrides)
+        overridden = {(k if isinstance(k, str) else ".".join(k)): v for k, v in items}
+    return config_from_dict(data, str(path), overridden)

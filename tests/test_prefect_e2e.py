@@ -59,12 +59,27 @@ def stack(tmp_path, migrated_mlflow_db):
             stop(proc)
 
 
+RETRY_STATUSES = (429, 502, 503)  # what Prefect's own client retries (PREFECT_CLIENT_RETRY_EXTRA_CODES aside)
+
+
+def _api(method: str, url: str, *, timeout_seconds: float = 60, **kwargs) -> httpx.Response:
+    """One Prefect REST call, retried with backoff on 429/502/503 as `prefect.client` does: the server answers 503
+    while its SQLite database is locked by another writer (the serve process, a flow run)."""
+    deadline, wait = time.monotonic() + timeout_seconds, 0.5
+    while True:
+        r = httpx.request(method, url, timeout=30, **kwargs)
+        if r.status_code not in RETRY_STATUSES or time.monotonic() + wait > deadline:
+            return r
+        time.sleep(wait)
+        wait = min(wait * 2, 8.0)
+
+
 def _deployment(api: str, serve: subprocess.Popen, log: Path, timeout_seconds: float = 120) -> dict:
     deadline = time.monotonic() + timeout_seconds
     while time.monotonic() < deadline:
         if serve.poll() is not None:
             pytest.fail(f"flows/deploy.py exited {serve.returncode}:\n{log.read_text()[-3000:]}")
-        r = httpx.get(f"{api}/deployments/name/finetune/demo")
+        r = _api("GET", f"{api}/deployments/name/finetune/demo")
         if r.status_code == 200:
             return r.json()
         time.sleep(0.5)
@@ -75,7 +90,7 @@ def _wait_final(api: str, ids: list[str], logs: Path, timeout_seconds: float) ->
     deadline = time.monotonic() + timeout_seconds
     runs: dict[str, dict] = {}
     while time.monotonic() < deadline:
-        runs = {i: httpx.get(f"{api}/flow_runs/{i}").json() for i in ids}
+        runs = {i: _api("GET", f"{api}/flow_runs/{i}").raise_for_status().json() for i in ids}
         if all(r["state_type"] in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED") for r in runs.values()):
             break
         time.sleep(2)
@@ -87,7 +102,7 @@ def _wait_final(api: str, ids: list[str], logs: Path, timeout_seconds: float) ->
 
 def _base_states(api: str, flow_run_id: str) -> list[str]:
     body = {"flow_runs": {"id": {"any_": [flow_run_id]}}, "task_runs": {"name": {"like_": "base-"}}}
-    return [t["state"]["name"] for t in httpx.post(f"{api}/task_runs/filter", json=body).json()]
+    return [t["state"]["name"] for t in _api("POST", f"{api}/task_runs/filter", json=body).raise_for_status().json()]
 
 
 def test_two_ui_triggered_runs_at_once_then_the_run_form_in_chromium(stack, tmp_path):
@@ -99,7 +114,7 @@ def test_two_ui_triggered_runs_at_once_then_the_run_form_in_chromium(stack, tmp_
     started = time.monotonic()
     ids = []
     for params in ({"overrides": tiny}, {"overrides": tiny, "learning_rate": 0.002}):
-        r = httpx.post(f"{api}/deployments/{deployment['id']}/create_flow_run", json={"parameters": params})
+        r = _api("POST", f"{api}/deployments/{deployment['id']}/create_flow_run", json={"parameters": params})
         assert r.status_code == 201, r.text
         ids.append(r.json()["id"])
     runs = _wait_final(api, ids, stack["logs"], 420)

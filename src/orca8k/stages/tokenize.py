@@ -364,7 +364,9 @@ def _encode_split(path: Path, encoder: ChatEncoder, max_length: int, num_proc: i
     work.mkdir(parents=True, exist_ok=True)
     function = EncodeBatches(encoder, max_length, str(path), prefetch=table if num_proc <= 1 else None)
     try:
-        encoded = Dataset(table).with_format("arrow").map(
+        # a given fingerprint: hashing the in-memory table would pickle it through dill, whose code inspection
+        # prints a disassembly that Prefect's print capture turns into task log lines
+        encoded = Dataset(table, fingerprint=f"orca8k-mix-{split}").with_format("arrow").map(
             function, batched=True, batch_size=MAP_BATCH_ROWS, with_indices=True,
             num_proc=num_proc if num_proc > 1 else None, remove_columns=table.column_names, features=_features(),
             cache_file_name=str(work / f"{split}-encoded.arrow"), desc=f"tokenize {split}",

@@ -144,6 +144,8 @@ def test_fewer_steps_than_logging_steps_report_the_runs_mean_loss(mixed_root, tm
 def test_missing_mix_is_reported(tmp_path):
     with pytest.raises(StageInputMissing, match="train.parquet"):
         run_stage("base", tiny_cfg(tmp_path))
+    layout = Layout.from_config(tiny_cfg(tmp_path))
+    assert not layout.base.with_name(layout.base.name + ".partial").exists()  # nothing half-written is left
     with pytest.raises(StageInputMissing, match="run `orca8k base` first"):
         resolve_base(tiny_cfg(tmp_path))
 

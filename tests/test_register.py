@@ -157,6 +157,9 @@ def test_generate_loads_the_champion_through_the_registry(first, tracking_store,
     missing = root / "no-such-model"
     assert main(["generate", "--model", str(missing), *args]) == 1
     assert f"--model {missing}: no such folder" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as bad:  # argparse: usage line and message, exit 2, no traceback
+        main(["generate", "--model", str(saved_tiny_model), "--max-new-tokens", "0", PROMPTS[0]])
+    assert bad.value.code == 2 and "argument --max-new-tokens: 0 is not ≥ 1" in capsys.readouterr().err
 
 
 def test_lineage_tags_run_records_and_dataset_input(first, tracking_store):

@@ -44,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p = sub.add_parser("fetch-data", help="download the hub sources (pinned revisions) into paths.data")
     _add_config_args(p)
-    p.add_argument("--limit", type=int, default=None, help="rows per source (a smoke slice)")
+    p.add_argument("--limit", type=_positive_int, default=None, help="rows per source (a smoke slice)")
     p = sub.add_parser("plan", help="validate a params file and print the derived facts (no data or GPU needed)")
     _add_config_args(p)
     p.add_argument("--json", action="store_true", help="print the facts as JSON")
@@ -52,10 +52,21 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.add_argument("--model", default=None, help="model dir or MLflow URI (default: paths.model)")
     p.add_argument("--system", default=None, help="system prompt (v3 format)")
-    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--max-new-tokens", type=_positive_int, default=128, help="tokens to generate at most (≥ 1)")
     p.add_argument("--config", dest="sampling_config", default="greedy", help="a sampling config name from sampling.config_file")
     p.add_argument("prompts", nargs="+", help="user prompts")
     return parser
+
+
+def _positive_int(text: str) -> int:
+    """argparse type: an integer ≥ 1 (argparse prints the message and exits 2 otherwise)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not ≥ 1")
+    return value
 
 
 def main(argv: Sequence[str] | None = None) -> int:

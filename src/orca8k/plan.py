@@ -214,7 +214,8 @@ def format_plan(facts: dict[str, Any]) -> str:
         f"(max_length {facts['max_length_tokens']:,}, packing {facts['packing']})",
         f"parameters               {facts['parameters']:,} ({facts['parameters_non_embedding']:,} non-embedding; "
         f"vocab padded to {facts['vocab_size_padded']:,})",
-        f"world size               {facts['world_size']} processes, {facts['dtype']}",
+        f"world size               {facts['world_size']} process{'es' if facts['world_size'] != 1 else ''}, "
+        f"{facts['dtype']}",
         f"per optimizer step       {facts['rows_per_optimizer_step']:,} rows × {facts['max_length_tokens']:,} = "
         f"{facts['max_tokens_per_optimizer_step']:,} tokens (at most)",
         f"train rows               {facts['train_rows']:,} ({facts['train_rows_from']})"

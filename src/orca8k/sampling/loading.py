@@ -38,6 +38,11 @@ def load_local_model(
     Raises:
         orca8k.errors.StageInputMissing: no `config.json` or no tokenizer in `path`.
     """
+    from orca8k.errors import StageInputMissing
+
+    if not (Path(path) / "config.json").is_file():
+        raise StageInputMissing(f"{path}: no model here (no config.json; run `orca8k train` first, or pass a model "
+                                "folder written by it)")
     tokenizer = load_tokenizer(path)
     model = load_causal_lm(
         Path(path).resolve(), rope_scaling=KEEP, dtype=dtype, attn_implementation=attn_implementation,

@@ -59,14 +59,18 @@ def run(cfg: Config) -> StageResult:
     partial.mkdir(parents=True)
 
     name = cfg.base.model_name_or_path
-    if name is None:
-        built = build_demo_base(cfg, layout, partial)
-        info = {"kind": "demo", "model_name_or_path": None, "requested_revision": None,
-                "revision": "sha256:" + _file_sha256(partial / "model.safetensors"), **built}
-    else:
-        info = resolve_hub_or_local(cfg)
-    info["seconds"] = round(time.monotonic() - start, 1)
-    write_info(partial / layout.base_info.name, info)
+    try:
+        if name is None:
+            built = build_demo_base(cfg, layout, partial)
+            info = {"kind": "demo", "model_name_or_path": None, "requested_revision": None,
+                    "revision": "sha256:" + _file_sha256(partial / "model.safetensors"), **built}
+        else:
+            info = resolve_hub_or_local(cfg)
+        info["seconds"] = round(time.monotonic() - start, 1)
+        write_info(partial / layout.base_info.name, info)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)  # a failed or interrupted build leaves nothing half-written
+        raise
 
     shutil.rmtree(target, ignore_errors=True)
     partial.rename(target)

@@ -374,6 +374,9 @@ def test_register_process_in_a_dvc_repo_logs_dvc_digests_deepspeed_and_no_secret
     assert {t.key: t.value for t in dataset.tags}["orca8k.digest_kind"] == "dvc-md5"
     tags = c.get_model_version("tiny-proc", "1").tags
     assert tags["lineage.data_hash"] == "0123456789abcdef0123456789abcdef.dir"
+    lineage_metrics = json.loads(layout.register_metrics.read_text())["lineage"]
+    assert lineage_metrics["data_hash"] == tags["lineage.data_hash"]  # `lineage.data_hash` in `dvc metrics show`
+    assert not any(k.startswith("lineage.") for k in lineage_metrics)
     assert tags["lineage.mix_hash"] == "fedcba9876543210fedcba9876543210.dir"
     assert tags["lineage.base_revision"] == f"main-{REDACTED}"
     logged = {f.path for f in c.list_artifacts(run_id, "deepspeed")}

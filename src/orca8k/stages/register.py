@@ -177,7 +177,8 @@ def run(cfg: Config) -> StageResult:
             "side_by_side": counts,
             **({"version_url": f"{redact_uri(run.tracking_uri).rstrip('/')}/#/models/{name}/versions/{version.version}"}
                if run.tracking_uri.startswith(("http://", "https://")) else {}),
-            "lineage": tags,
+            # the tags without their `lineage.` prefix: DVC flattens this file to `lineage.<key>`
+            "lineage": {k.removeprefix("lineage."): v for k, v in tags.items()},
             "evidence": json.loads(evidence.to_json()),
             "missing_artifacts": missing,
         }

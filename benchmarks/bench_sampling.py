@@ -121,7 +121,7 @@ def main() -> None:
     from orca8k.config import load_config
     from orca8k.data.chat_format import ChatEncoder
     from orca8k.layout import Layout
-    from orca8k.sampling.generation import build_prompt_ids, generate_batched, resolve_generation_config
+    from orca8k.sampling.generation import batch_groups, build_prompt_ids, generate_batched, resolve_generation_config
     from orca8k.sampling.loading import load_local_model
     from orca8k.sampling.report import sample_reports
     from orca8k.sampling.schema import load_configuration, load_prompts
@@ -159,9 +159,7 @@ def main() -> None:
     new_tokens = sum(g.new_tokens for g in single)
     # forward passes: one at a time, each prompt runs as many as it generates; a batch runs as many as its longest
     # output. Their ratio bounds the speed-up even if a batched step cost no more than a one-row step.
-    order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))  # generate_batched's grouping
-    batched_steps = sum(max(single[i].new_tokens for i in order[k:k + batch_size])
-                        for k in range(0, len(order), batch_size))
+    batched_steps = sum(max(single[i].new_tokens for i in rows) for rows in batch_groups(ids, batch_size))
     greedy_fig = {
         "batched_seconds": round(t_batched, 3), "unbatched_seconds": round(t_single, 3),
         "speedup": round(t_single / t_batched, 2), "same_outputs": all(same), "same_outputs_fraction": sum(same) / len(same),

@@ -26,6 +26,7 @@ The last stdout line is one JSON object.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import shutil
@@ -40,7 +41,7 @@ sys.path.insert(0, str(REPO / "src"))
 CHUNK_CHARS = 65535
 # what the stage imports, on import or lazily on first use: timed as start-up, in a fresh interpreter, and imported
 # before the stage is timed (a fixed cost per run, not per token: GX alone takes ~2.5 s to import)
-STAGE_IMPORTS = "import orca8k.stages.tokenize, orca8k.validation.token_suite, transformers.models.llama"
+STAGE_MODULES = ("orca8k.stages.tokenize", "orca8k.validation.token_suite", "transformers.models.llama")
 
 
 def realdata_dir() -> Path:
@@ -86,7 +87,7 @@ def rendered(rows: list[dict]) -> list[str]:
 
 
 def startup_seconds() -> float:
-    code = f"import time; t = time.perf_counter(); {STAGE_IMPORTS}; print(time.perf_counter() - t)"
+    code = f"import time; t = time.perf_counter(); import {', '.join(STAGE_MODULES)}; print(time.perf_counter() - t)"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "src"), os.environ.get("PYTHONPATH", "")])}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
     return float(out.stdout.strip().splitlines()[-1])
@@ -116,7 +117,8 @@ def main() -> None:
     from orca8k.model.tokenizer import load_base_tokenizer, prepare_tokenizer, train_sentencepiece
     from orca8k.stages import run_stage
 
-    exec(STAGE_IMPORTS)  # noqa: S102 - the stage's imports, timed above as start-up
+    for module in STAGE_MODULES:  # the stage's imports, timed above as start-up
+        importlib.import_module(module)
 
     work = Path(tempfile.mkdtemp(prefix="bench-tokenize-"))
     try:

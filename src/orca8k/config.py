@@ -505,9 +505,8 @@ def load_config(path: str | Path = "params.yaml", overrides: list[str] | dict[st
         ConfigError: unreadable file, unknown key (named by its dotted path), wrong type, failed cross-field check.
     """
     data = read_params(path)
-    overridden: dict[str, Any] = {}
-    if overrides:
-        data = apply_overrides(data, overrides)
-        items = overrides.items() if isinstance(overrides, dict) else (parse_override(o) for o in overrides)
-        overridden = {(k if isinstance(k, str) else ".".join(k)): v for k, v in items}
+    items = (overrides or {}).items() if isinstance(overrides, dict) else map(parse_override, overrides or [])
+    overridden = {(k if isinstance(k, str) else ".".join(k)): v for k, v in items}  # dotted key → value
+    if overridden:
+        data = apply_overrides(data, overridden)
     return config_from_dict(data, str(path), overridden)

@@ -99,8 +99,7 @@ def example_stats(input_ids: pa.ChunkedArray | pa.Array, labels: pa.ChunkedArray
     target = lab != IGNORE_INDEX
     at = {name: np.flatnonzero(ids == getattr(special, name)) for name in ("bos", "eos", "system", "prompter",
                                                                              "assistant")}
-    # blocks: each example's start (NONE) and each role token open one; a block's targets are counted from the
-    # cumulative sum, so no per-token block array is built
+    # blocks: each example's start (NONE) and each role token open one; no per-token block array is built
     role_pos = np.concatenate([at["system"], at["prompter"], at["assistant"]])
     role_code = np.concatenate([np.full(at["system"].size, SYSTEM_BLOCK, np.int8),
                                 np.full(at["prompter"].size, PROMPTER_BLOCK, np.int8),
@@ -148,8 +147,8 @@ def example_stats(input_ids: pa.ChunkedArray | pa.Array, labels: pa.ChunkedArray
 # what `example_stats` returns, in order; the two flags are bool, the counts int64
 BOOL_STAT_COLUMNS = ("bos_first", "ends_with_eos")
 EXAMPLE_STAT_COLUMNS = ("num_tokens", "supervised_tokens", "supervised_eos", "eos_tokens", "bos_tokens", "bos_first",
-            "ends_with_eos", "system_tokens", "prompter_tokens", "assistant_tokens", "complete_replies",
-            "supervised_outside_reply", "label_mismatch")
+                        "ends_with_eos", "system_tokens", "prompter_tokens", "assistant_tokens", "complete_replies",
+                        "supervised_outside_reply", "label_mismatch")
 
 
 def packed_row_stats(input_ids: pa.ChunkedArray | pa.Array, labels: pa.ChunkedArray | pa.Array,

@@ -167,6 +167,13 @@ def cut_at_eos(new_ids: Sequence[int], eos_token_id: int) -> tuple[list[int], bo
     return ids, False
 
 
+def batch_groups(prompt_ids: Sequence[Sequence[int]], batch_size: int) -> list[list[int]]:
+    """The prompts of each `generate` call of `generate_batched`: indices ordered longest prompt first (ties: input
+    order), cut into groups of `batch_size`, so a batch pads little."""
+    order = sorted(range(len(prompt_ids)), key=lambda i: -len(prompt_ids[i]))
+    return [order[k : k + batch_size] for k in range(0, len(order), batch_size)]
+
+
 def generate_batched(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
@@ -211,13 +218,11 @@ def generate_batched(
     eos = eos[0] if isinstance(eos, list) else eos
     pad = generation_config.pad_token_id if generation_config.pad_token_id is not None else eos
     device = next(model.parameters()).device
-    order = sorted(range(len(prompt_ids)), key=lambda i: -len(prompt_ids[i]))
     results: dict[int, Generation] = {}
     if seed is not None:
         torch.manual_seed(seed)
     with torch.inference_mode():
-        for start in range(0, len(order), batch_size):
-            rows = order[start : start + batch_size]
+        for rows in batch_groups(prompt_ids, batch_size):
             width = max(len(prompt_ids[i]) for i in rows)
             input_ids = torch.full((len(rows), width), pad, dtype=torch.long)  # [batch, seq_len]
             attention_mask = torch.zeros((len(rows), width), dtype=torch.long)  # [batch, seq_len]

@@ -253,15 +253,16 @@ class EncodeBatches:
 
     def __call__(self, batch: pa.Table, indices: list[int]) -> pa.Table:
         start = indices[0] if indices else 0
-        if self._pending is not None and self._pending[0] == start:
-            segmented = self._pending[1]
-        else:
-            segmented = self._submit(start, batch)
+        pending, self._pending = self._pending, None
+        current = pending[1] if pending is not None and pending[0] == start else None
         following = start + len(indices)
-        self._pending = (following, self._submit(following)) \
-            if self.table is not None and following < len(self.table) else None
+        if self.table is not None and following < len(self.table):  # the next batch, while this one is assembled
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(1, thread_name_prefix="orca8k-tokenize")
+            self._pending = (following, self._pool.submit(self._segment, self.table.slice(following, self.batch_rows)))
         try:
-            rows = self.encoder.assemble_rows(segmented.result(), self.max_length)
+            segmented = current.result() if current is not None else self._segment(batch)
+            rows = self.encoder.assemble_rows(segmented, self.max_length)
         except RowError as err:
             kind = batch.column("kind")[err.row].as_py()
             field = "messages" if kind == "chat" else "kind/text"
@@ -274,21 +275,6 @@ class EncodeBatches:
         if self._pool is not None:
             self._pool.shutdown(wait=True, cancel_futures=True)
         self._pool, self._pending = None, None
-
-    def _submit(self, start: int, batch: pa.Table | None = None) -> Future:
-        if batch is None:
-            assert self.table is not None
-            batch = self.table.slice(start, self.batch_rows)
-        if self.table is None:  # no thread: encode now
-            done: Future = Future()
-            try:
-                done.set_result(self._segment(batch))
-            except RowError as err:
-                done.set_exception(err)
-            return done
-        if self._pool is None:
-            self._pool = ThreadPoolExecutor(1, thread_name_prefix="orca8k-tokenize")
-        return self._pool.submit(self._segment, batch)
 
     def _segment(self, batch: pa.Table) -> SegmentedRows:
         return self.encoder.segment_rows(batch.column("kind").to_pylist(), batch.column("messages").to_pylist(),
@@ -324,8 +310,7 @@ def _examples_table(batch: pa.Table, rows: list[RowExamples], special: SpecialId
     row_id = batch.column("id").take(take)
     parts = pa.array(meta["part"], pa.int32())
     ids_array, labels_array = _int32_lists(input_ids), _int32_lists(labels)
-    stats = example_stats(ids_array, labels_array, special, train_on_system) if input_ids else \
-        {c: np.zeros(0, dtype=bool if c in BOOL_STAT_COLUMNS else np.int64) for c in EXAMPLE_STAT_COLUMNS}
+    stats = example_stats(ids_array, labels_array, special, train_on_system)
     return pa.table({
         "id": pc.binary_join_element_wise(row_id, parts.cast(pa.string()), "#"),
         "row_id": row_id,

@@ -6,8 +6,10 @@
 
 Workload: `sampling.prompts_file` × the greedy configuration of `sampling.config_file` at `sampling.max_new_tokens`
 (the demo stage's settings), generated with `batch_size` rows per call and with 1; greedy token ids must be equal
-(batched == unbatched), and the speed-up is unbatched seconds / batched seconds. Then the whole report (every
-configuration, 2 samples for sampled ones) both ways, for time only (sampled draws depend on the batch).
+(batched == unbatched), and the speed-up is unbatched seconds / batched seconds. Batched runs twice: as the stage
+runs it (finished rows leave the batch every `sampling.compact_every` new tokens) and with finished rows kept to the
+end (`compact_every: null`, transformers' own behaviour). Then the whole report (every configuration, 2 samples for
+sampled ones) both ways, for time only (sampled draws depend on the batch).
 
 When `paths.model` holds no model yet (before the pipeline has run), a stand-in is built and saved in a temp dir:
 the demo architecture from params.yaml (hidden 256, 4 layers, RoPE linear ×2) with random weights and a
@@ -16,7 +18,8 @@ random model never emits `</s>`, so every output runs to max_new_tokens — the 
 
 The JSON also gives the ceiling of the speed-up if a batched forward cost no more than a one-row forward: forward
 passes one at a time (the sum of the output lengths) over forward passes batched (each batch runs to its longest
-output; `generate` keeps finished rows in the batch), and the measured cost of a batched step over a one-row step.
+output), the rows those forward passes carry (counted by a hook: compaction lowers them, not the passes), and the
+measured cost of a batched step over a one-row step.
 
 Target (issue 8): ≥ 3× on 2 cores. The machine may be shared: the load average before each measurement is
 printed; ratios are taken within one run. On a loaded machine pass `--threads 1`: at this model size two OpenMP
@@ -107,6 +110,7 @@ def main() -> None:
     parser.add_argument("--params", default=str(REPO / "params.yaml"))
     parser.add_argument("--model", default=None, help="model dir (default: paths.model, or a stand-in)")
     parser.add_argument("--batch-size", type=int, default=None, help="default: sampling.batch_size")
+    parser.add_argument("--compact-every", type=int, default=None, help="default: sampling.compact_every")
     parser.add_argument("--max-new-tokens", type=int, default=None, help="default: sampling.max_new_tokens")
     parser.add_argument("--repeats", type=int, default=3, help="runs per mode; the best is kept")
     parser.add_argument("--skip-report", action="store_true", help="only the greedy comparison")
@@ -130,6 +134,7 @@ def main() -> None:
     cfg = load_config(args.params)
     s = cfg.sampling
     batch_size = args.batch_size or s.batch_size
+    compact_every = args.compact_every or s.compact_every
     max_new_tokens = args.max_new_tokens or s.max_new_tokens
     tmp = tempfile.TemporaryDirectory(prefix="bench_sampling_")
     model_dir = Path(args.model) if args.model else Layout.from_config(cfg).model
@@ -149,13 +154,25 @@ def main() -> None:
     print(f"[bench_sampling] model {model_dir} ({kind}, {params / 1e6:.2f} M params), {len(prompts)} prompts, "
           f"max_new_tokens {gen_config.max_new_tokens}, batch {batch_size}, torch threads {torch.get_num_threads()}")
 
-    def run(bs: int):
-        return generate_batched(model, tok, ids, gen_config, batch_size=bs, skip_special_tokens=s.skip_special_tokens)
+    def run(bs: int, every: int | None = compact_every):
+        return generate_batched(model, tok, ids, gen_config, batch_size=bs, compact_every=every,
+                                skip_special_tokens=s.skip_special_tokens)
+
+    def row_forwards(bs: int, every: int | None) -> int:
+        """Rows carried by all forward passes of one run (Σ batch rows per pass), counted by a hook."""
+        rows = []
+        hook = model.register_forward_pre_hook(lambda _m, _a, kw: rows.append(kw["input_ids"].shape[0]), with_kwargs=True)
+        try:
+            run(bs, every)
+        finally:
+            hook.remove()
+        return sum(rows)
 
     run(batch_size)  # warm-up (allocator, kernels)
     t_batched, batched, load_b = timed(lambda: run(batch_size), args.repeats)
+    t_kept, kept, load_k = timed(lambda: run(batch_size, None), args.repeats)
     t_single, single, load_s = timed(lambda: run(1), args.repeats)
-    same = [a.token_ids == b.token_ids for a, b in zip(batched, single, strict=True)]
+    same = [a.token_ids == b.token_ids == c.token_ids for a, b, c in zip(batched, kept, single, strict=True)]
     new_tokens = sum(g.new_tokens for g in single)
     # forward passes: one at a time, each prompt runs as many as it generates; a batch runs as many as its longest
     # output. Their ratio bounds the speed-up even if a batched step cost no more than a one-row step.
@@ -163,15 +180,20 @@ def main() -> None:
     greedy_fig = {
         "batched_seconds": round(t_batched, 3), "unbatched_seconds": round(t_single, 3),
         "speedup": round(t_single / t_batched, 2), "same_outputs": all(same), "same_outputs_fraction": sum(same) / len(same),
+        "compact_every": compact_every, "batched_finished_rows_kept_seconds": round(t_kept, 3),
+        "speedup_finished_rows_kept": round(t_single / t_kept, 2),
         "new_tokens": new_tokens, "batched_tokens_per_second": round(new_tokens / t_batched, 1),
         "output_lengths": [g.new_tokens for g in single], "forward_passes_unbatched": new_tokens,
         "forward_passes_batched": batched_steps, "speedup_ceiling_equal_step_cost": round(new_tokens / batched_steps, 2),
+        "row_forwards_batched": row_forwards(batch_size, compact_every),
+        "row_forwards_batched_finished_rows_kept": row_forwards(batch_size, None),
         "step_cost_batched_over_unbatched": round((t_batched / batched_steps) / (t_single / new_tokens), 2),
         "proper_end_rate": sum(g.ended for g in single) / len(single),
-        "load_avg_batched": load_b, "load_avg_unbatched": load_s,
+        "load_avg_batched": load_b, "load_avg_batched_finished_rows_kept": load_k, "load_avg_unbatched": load_s,
     }
-    print(f"[bench_sampling] greedy: batched {t_batched:.2f} s, one at a time {t_single:.2f} s, "
-          f"speed-up {t_single / t_batched:.2f}x, same outputs {sum(same)}/{len(same)}")
+    print(f"[bench_sampling] greedy: batched {t_batched:.2f} s (finished rows kept: {t_kept:.2f} s), one at a time "
+          f"{t_single:.2f} s, speed-up {t_single / t_batched:.2f}x ({t_single / t_kept:.2f}x), same outputs "
+          f"{sum(same)}/{len(same)}")
     figures = {
         "bench": "sampling", "model": kind, "model_dir": str(model_dir), "params_millions": round(params / 1e6, 2),
         "prompts": len(prompts), "max_new_tokens": gen_config.max_new_tokens, "batch_size": batch_size,
@@ -179,6 +201,7 @@ def main() -> None:
     }
     if not args.skip_report:
         kw = {"model_name": "bench", "mode": s.mode, "num_samples": s.num_samples, "max_new_tokens": max_new_tokens,
+              "compact_every": compact_every,
               "skip_special_tokens": s.skip_special_tokens, "seed": cfg.seed, "date": "2026-01-01T00:00:00+00:00"}
         t_rb, _, load_rb = timed(lambda: sample_reports(model, tok, configuration, prompts, batch_size=batch_size, **kw), 1)
         t_r1, _, load_r1 = timed(lambda: sample_reports(model, tok, configuration, prompts, batch_size=1, **kw), 1)

@@ -110,6 +110,49 @@ def test_greedy_batched_equals_unbatched_on_a_trained_model(trained):
     assert all(g.ended and g.token_ids[-1] == enc.eos_id and g.token_ids.count(enc.eos_id) == 1 for g in one)
 
 
+def test_finished_rows_leave_the_batch_and_greedy_outputs_stay_the_same(trained):
+    model, tok = trained
+    enc = ChatEncoder(tok)
+    prompts = [build_prompt_ids(enc, q, pre_text=FIXTURE_SYSTEM) for q, _ in QA]
+    config = resolve_generation_config(model, {"do_sample": False, "max_new_tokens": 24}, eos_token_id=enc.eos_id,
+                                       pad_token_id=tok.pad_token_id)
+    reference = [g.token_ids for g in generate_batched(model, tok, prompts, config, batch_size=1, compact_every=None)]
+    lengths = [len(ids) for ids in reference]
+    assert lengths == [2, 3, 8, 7, 2, 7, 2, 21]  # the fixture's answers (+ </s>)
+    width = max(len(p) for p in prompts)
+    forwards: list[tuple[int, int]] = []  # input_ids shape [rows, new positions] of each forward pass
+    hook = model.register_forward_pre_hook(lambda _m, _a, kw: forwards.append(tuple(kw["input_ids"].shape)),
+                                           with_kwargs=True)
+    try:
+        rows = {}
+        for every in (None, 1, 3, 100):
+            forwards.clear()
+            out = generate_batched(model, tok, prompts, config, batch_size=len(prompts), compact_every=every)
+            assert [g.token_ids for g in out] == reference
+            assert forwards[0] == (8, width) and all(n == 1 for _, n in forwards[1:])  # one prefill, then the cache
+            rows[every] = [r for r, _ in forwards]
+    finally:
+        hook.remove()
+    assert rows[None] == rows[100] == [8] * 21  # transformers keeps finished rows to the end
+    assert rows[1] == [sum(n >= t for n in lengths) for t in range(1, 22)] == [8, 8, 5, 4, 4, 4, 4, 2] + [1] * 13
+    # every 3 tokens: after 3, the four rows of 2-3 tokens leave; after 9, those of 7-8; the 21-token row runs alone
+    assert rows[3] == [8] * 3 + [4] * 6 + [1] * 12
+    assert sum(rows[3]) == 60 < sum(rows[None]) == 168
+
+
+def test_min_new_tokens_holds_across_compacting_calls(trained):
+    model, tok = trained
+    enc = ChatEncoder(tok)
+    prompts = [build_prompt_ids(enc, q, pre_text=FIXTURE_SYSTEM) for q, _ in QA[:4]]
+    config = resolve_generation_config(model, {"max_new_tokens": 9, "min_new_tokens": 7}, eos_token_id=enc.eos_id,
+                                       pad_token_id=tok.pad_token_id)
+    whole = generate_batched(model, tok, prompts, config, batch_size=4, compact_every=None)
+    parts = generate_batched(model, tok, prompts, config, batch_size=4, compact_every=2)
+    assert [g.token_ids for g in parts] == [g.token_ids for g in whole]
+    assert all(g.new_tokens >= 7 and enc.eos_id not in g.token_ids[:6] for g in parts)
+    assert config.min_new_tokens == 7  # the caller's config is not changed by the per-call copies
+
+
 def test_eos_cut_and_special_tokens(trained):
     model, tok = trained
     enc = ChatEncoder(tok)
@@ -131,10 +174,13 @@ def test_sampling_is_reproducible_for_a_fixed_seed(tokenizer, encoder):
     prompts = [build_prompt_ids(encoder, p) for p in ("one", "two three", "four five six")]
     config = resolve_generation_config(model, {"do_sample": True, "max_new_tokens": 8}, eos_token_id=encoder.eos_id,
                                        pad_token_id=tokenizer.pad_token_id)
-    run = lambda seed: [g.token_ids for g in generate_batched(model, tokenizer, prompts, config, batch_size=2, seed=seed)]  # noqa: E731
+    run = lambda seed, every=None: [  # noqa: E731
+        g.token_ids for g in generate_batched(model, tokenizer, prompts, config, batch_size=2, seed=seed,
+                                              compact_every=every)]
     first = run(123)
     assert run(123) == first
     assert run(124) != first
+    assert run(123, every=3) == run(123, every=3)
     assert derive_seed(123, "k50", 0) == derive_seed(123, "k50", 0) != derive_seed(123, "k50", 1)
     assert 0 <= derive_seed(123, "k50", 0) < 2**63
 
@@ -146,3 +192,5 @@ def test_bad_arguments_raise(tokenizer):
         generate_batched(model, tokenizer, [[1, 5]], config, batch_size=0)
     with pytest.raises(ValueError, match="empty prompt ids"):
         generate_batched(model, tokenizer, [[]], config, batch_size=1)
+    with pytest.raises(ValueError, match="compact_every must be >= 1 or None, got 0"):
+        generate_batched(model, tokenizer, [[1, 5]], config, batch_size=1, compact_every=0)

@@ -92,6 +92,7 @@ def test_stage_writes_oa_reports_html_and_summary(run_dir):
         assert (p["max_new_tokens"], p["min_new_tokens"], p["repetition_penalty"]) == (12, 4, 1.2)
         assert p["seed"] == cfg.seed and p["dtype"] == "float32" and p["rope_parameters"]["rope_type"] == "default"
         assert p["pre_text"] == FIXTURE_SYSTEM and p["mode"] == "v3" and p["batch_size"] == 3
+        assert p["compact_every"] == 8  # params.yaml's: sampled draws depend on it
     assert len(params["k50"]["sample_seeds"]) == 2 and len(params["greedy"]["sample_seeds"]) == 1
 
     # greedy on the trained model starts with its trained answers (min_new_tokens=4 runs short ones on); the

@@ -317,6 +317,8 @@ class SamplingConfig(StrictModel):
     num_samples: int = Field(2, ge=1, description="Outputs per prompt for a sampled configuration (greedy: 1).")
     max_new_tokens: int | None = Field(None, ge=1, description="Overrides the file's max_new_tokens (demo: smaller).")
     batch_size: int = Field(8, ge=1, description="Prompts per generate call (left-padded).")
+    compact_every: int | None = Field(8, ge=1, description="New tokens per generate call: finished rows leave the "
+                                      "batch and its KV cache between calls (null: kept to the end, one call).")
     skip_special_tokens: bool = True
     dtype: Literal["fp32", "fp16", "bf16"] = Field("fp32", description="Weights dtype for sampling (CPU: fp32).")
     device: str = Field("auto", description="auto (cuda when available, else cpu), cpu, cuda, cuda:1, ...")

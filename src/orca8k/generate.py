@@ -75,7 +75,7 @@ def generate(
     """Generate one reply per prompt with a named configuration of `cfg.sampling.config_file`.
 
     Args:
-        cfg: the config (`sampling.config_file`, `batch_size`, `skip_special_tokens`, `seed`).
+        cfg: the config (`sampling.config_file`, `batch_size`, `compact_every`, `skip_special_tokens`, `seed`).
         model: the causal LM.
         tokenizer: its OA tokenizer.
         prompts: user prompts.
@@ -111,7 +111,7 @@ def generate(
         for p in prompts
     ]
     return generate_batched(
-        model, tokenizer, ids, gen_config, batch_size=cfg.sampling.batch_size,
+        model, tokenizer, ids, gen_config, batch_size=cfg.sampling.batch_size, compact_every=cfg.sampling.compact_every,
         skip_special_tokens=cfg.sampling.skip_special_tokens, seed=derive_seed(cfg.seed, config_name, 0),
     )
 

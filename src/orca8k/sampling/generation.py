@@ -5,10 +5,17 @@ Prompts are built with `orca8k.data.chat_format.ChatEncoder.encode_prompt`, the 
 rule) as training. Rows of a batch are left-padded with the pad id (= `</s>`) and masked; transformers derives
 `position_ids` from the attention mask (`cumsum - 1`), so a padded row sees the same positions — and, with greedy
 decoding, gives the same tokens — as the prompt alone (up to float rounding where two logits tie).
+
+`generate` keeps a finished row in its batch until the longest row ends, so one long reply makes every short one pay
+for its steps. `generate_batched` therefore runs `generate` `compact_every` new tokens at a time and, between calls,
+drops the finished rows from the batch and from its KV cache (`Cache.batch_select_indices`); the rest continue from
+the cache, with `min_new_tokens` reduced by the tokens already made. A row's computation is the same either way, so
+greedy outputs do not change; sampled draws do (fewer rows draw from the generator), as they do with the batch size.
 """
 
 from __future__ import annotations
 
+import copy
 import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -31,6 +38,7 @@ _COMMON_KEYS = (
     "no_repeat_ngram_size", "bos_token_id", "eos_token_id", "pad_token_id",
 )
 _SAMPLING_KEYS = ("temperature", "top_k", "top_p", "typical_p", "min_p", "epsilon_cutoff", "eta_cutoff")
+COMPACT_EVERY = 8  # new tokens per generate call of `generate_batched` (finished rows leave the batch between calls)
 _BEAM_KEYS = ("length_penalty", "early_stopping", "num_beam_groups", "diversity_penalty")
 
 
@@ -183,6 +191,7 @@ def generate_batched(
     batch_size: int,
     skip_special_tokens: bool = True,
     seed: int | None = None,
+    compact_every: int | None = COMPACT_EVERY,
 ) -> list[Generation]:
     """Generate for many prompts, `batch_size` at a time, left-padded with attention masks.
 
@@ -201,17 +210,22 @@ def generate_batched(
         batch_size: rows per `generate` call.
         skip_special_tokens: drop special tokens (`</s>`, `<|assistant|>`, ...) from the decoded text.
         seed: seeds torch's generator before the first batch (None leaves it as it is).
+        compact_every: new tokens per `generate` call; finished rows leave the batch between calls (see the module
+            docstring). None: one call per batch, finished rows kept to the end (transformers' behaviour). Ignored
+            (None) for beam search and `num_return_sequences` > 1, whose rows are not independent prompts.
 
     Returns:
         One `Generation` per prompt, in order.
 
     Raises:
-        ValueError: an empty prompt, or `batch_size` < 1.
+        ValueError: an empty prompt, `batch_size` < 1 or `compact_every` < 1.
     """
     import torch
 
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if compact_every is not None and compact_every < 1:
+        raise ValueError(f"compact_every must be >= 1 or None, got {compact_every}")
     if any(len(p) == 0 for p in prompt_ids):
         raise ValueError("generate_batched: empty prompt ids")
     eos = generation_config.eos_token_id
@@ -230,15 +244,52 @@ def generate_batched(
                 ids = torch.tensor(list(prompt_ids[i]), dtype=torch.long)
                 input_ids[r, width - len(ids) :] = ids
                 attention_mask[r, width - len(ids) :] = 1
-            out = model.generate(
-                input_ids=input_ids.to(device),
-                attention_mask=attention_mask.to(device),
-                generation_config=generation_config,
-            )  # [batch, seq_len + new_tokens]
-            new = out[:, width:].tolist()
+            new = _generate_compacting(model, input_ids.to(device), attention_mask.to(device), generation_config,
+                                       eos, compact_every)
             for r, i in enumerate(rows):
                 kept, ended = cut_at_eos(new[r], eos)
                 text = tokenizer.decode(kept, skip_special_tokens=skip_special_tokens)
                 plain = text if skip_special_tokens else tokenizer.decode(kept, skip_special_tokens=True)
                 results[i] = Generation(tuple(kept), text, ended, not plain.strip())
     return [results[i] for i in range(len(prompt_ids))]
+
+
+def _generate_compacting(model: PreTrainedModel, input_ids: Any, attention_mask: Any, generation_config: GenerationConfig,
+                         eos: int, compact_every: int | None) -> list[list[int]]:
+    """The new token ids of each row of one left-padded batch (`input_ids`, `attention_mask`: [batch, seq_len]),
+    generated `compact_every` tokens per `generate` call, finished rows dropped between calls (module docstring)."""
+    import torch
+
+    total = generation_config.max_new_tokens
+    if (compact_every is None or total is None or (generation_config.num_beams or 1) > 1
+            or (generation_config.num_return_sequences or 1) > 1):
+        out = model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=generation_config)
+        return out[:, input_ids.shape[1]:].tolist()  # [batch, new_tokens]
+    width = input_ids.shape[1]
+    min_new = generation_config.min_new_tokens or 0
+    new_ids: list[list[int]] = [[] for _ in range(input_ids.shape[0])]
+    rows = torch.arange(input_ids.shape[0])  # the batch's rows still generating, by their index in `input_ids`
+    sequences, mask, cache, done = input_ids, attention_mask, None, 0
+    while True:
+        step = copy.deepcopy(generation_config)
+        step.max_new_tokens = min(compact_every, total - done)
+        step.min_new_tokens = min(step.max_new_tokens, max(0, min_new - done)) or None
+        step.return_dict_in_generate = True
+        out = model.generate(input_ids=sequences, attention_mask=mask, generation_config=step, cache=cache)
+        made = out.sequences.shape[1] - sequences.shape[1]  # fewer than asked when every row ended
+        done += made
+        # a row is done when it made `</s>` or reached `max_new_tokens`; generate stops early only when all are done
+        finished = (out.sequences[:, sequences.shape[1]:] == eos).any(dim=1).cpu()
+        if done >= total or made < step.max_new_tokens:
+            finished[:] = True
+        for r in torch.nonzero(finished).flatten().tolist():
+            new_ids[int(rows[r])] = out.sequences[r, width:].tolist()
+        keep = torch.nonzero(~finished).flatten()
+        if keep.numel() == 0:
+            return new_ids
+        cache, keep_here = out.cache, keep.to(out.sequences.device)
+        if keep.numel() < finished.numel():
+            cache.batch_select_indices(keep_here)
+        sequences = out.sequences[keep_here]
+        mask = torch.cat([mask[keep_here], mask.new_ones((keep.numel(), made))], dim=1)
+        rows = rows[keep]

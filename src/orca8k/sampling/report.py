@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from orca8k.data.chat_format import ChatEncoder
 from orca8k.sampling.generation import (
+    COMPACT_EVERY,
     Generation,
     Mode,
     build_prompt_ids,
@@ -81,6 +82,7 @@ def sample_reports(
     num_samples: int = 2,
     max_new_tokens: int | None = None,
     batch_size: int = 8,
+    compact_every: int | None = COMPACT_EVERY,
     skip_special_tokens: bool = True,
     seed: int = 0,
     date: str | None = None,
@@ -98,6 +100,8 @@ def sample_reports(
         num_samples: outputs per prompt for a sampled configuration (greedy ones get 1; OA's `--num-samples`).
         max_new_tokens: overrides every configuration's `max_new_tokens` (the demo's shorter budget).
         batch_size: prompts per `generate` call.
+        compact_every: new tokens per `generate` call; finished rows leave the batch between calls
+            (`generate_batched`; None keeps them to the end).
         skip_special_tokens: drop special tokens from the decoded outputs.
         seed: the run seed; sample i of configuration c is seeded with `derive_seed(seed, c, i)`.
         date: ISO-8601 UTC (default: now, or `SOURCE_DATE_EPOCH`).
@@ -134,7 +138,7 @@ def sample_reports(
         per_sample = [
             generate_batched(
                 model, tokenizer, prompt_ids, gen_config,
-                batch_size=batch_size, skip_special_tokens=skip_special_tokens, seed=s,
+                batch_size=batch_size, compact_every=compact_every, skip_special_tokens=skip_special_tokens, seed=s,
             )
             for s in seeds
         ]
@@ -144,6 +148,7 @@ def sample_reports(
             "seed": seed,
             "sample_seeds": seeds,
             "batch_size": batch_size,
+            "compact_every": compact_every,  # sampled draws depend on it, as on batch_size
             "mode": mode,
             "pre_text": sc.pre_text or None,
             "add_prefix_tokens": bool(sc.add_prefix_tokens) if mode == "v2_5" and sc.pre_text else None,

@@ -42,6 +42,7 @@ def run(cfg: Config) -> StageResult:
         "num_samples": s.num_samples,
         "max_new_tokens": s.max_new_tokens,
         "batch_size": s.batch_size,
+        "compact_every": s.compact_every,
         "skip_special_tokens": s.skip_special_tokens,
         "dtype": s.dtype,
         "device": s.device,
@@ -51,7 +52,8 @@ def run(cfg: Config) -> StageResult:
     report_set = sample_reports(
         model, tokenizer, configuration, prompts,
         model_name=s.model_name, mode=s.mode, num_samples=s.num_samples, max_new_tokens=s.max_new_tokens,
-        batch_size=s.batch_size, skip_special_tokens=s.skip_special_tokens, seed=cfg.seed, args=args,
+        batch_size=s.batch_size, compact_every=s.compact_every, skip_special_tokens=s.skip_special_tokens, seed=cfg.seed,
+        args=args,
     )
     written = write_report_set(
         report_set, layout.sampling_reports, summary_path=layout.sampling_summary, index_path=layout.sampling_index

@@ -16,7 +16,10 @@ What it does, in one process (ratios are measured within one run, so machine loa
    - `padded`: the seed's collator, batches of 2 examples padded to the longer one (`CausalLMCollator` on examples);
    reporting useful (non-pad) tokens/s, the padding fraction, and MFU = useful tokens/s × FLOPs per token / peak;
 5. beside the 512 runs, the same loop on full random batches (2 × 512 random tokens, no padding): the ceiling the
-   issue quotes (≈ 50 % of peak by 6·N on 2 quiet cores).
+   issue quotes (≈ 50 % of peak by 6·N on 2 quiet cores);
+6. beside them too, `packing` with the model under `torch.compile` (inductor), as `train.torch_compile: true` runs
+   it through the Trainer; compiling (≈ 35 s) happens in its warm-up steps, outside the timing. Packed rows all have
+   one shape, so one graph serves every step; padded batches change shape, so they are not compiled here.
 
 FLOPs per token = 6·N + 12·n_layers·d_model·s (Kaplan et al. 2020; PaLM's attention term, Chowdhery et al. 2022,
 appendix B), N = parameters without the input embedding, s = the row's length (packed rows: max_length; padded
@@ -101,12 +104,15 @@ def non_embedding_params(model) -> int:
 class Runner:
     """One collation's training loop: its own copy of the model and optimiser; `step()` times one batch."""
 
-    def __init__(self, model, batches: list[dict]):
+    def __init__(self, model, batches: list[dict], compile: bool = False):
         import copy
 
         import torch
 
         self.model = copy.deepcopy(model)
+        self.compiled = compile
+        if compile:
+            self.model.compile()
         self.batches = batches
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=1e-4, betas=(0.9, 0.95), eps=1e-12, weight_decay=0.0)
         self.i = 0
@@ -127,8 +133,9 @@ class Runner:
         self.opt.zero_grad(set_to_none=True)
 
     def warm_up(self) -> None:
-        self._train(self.batches[0])
-        self.i = 1
+        for i in range(2 if self.compiled else 1):  # compiled: the second step may compile again (optimizer state)
+            self._train(self.batches[i % len(self.batches)])
+        self.i = 2 if self.compiled else 1
 
     def step(self) -> None:
         from orca8k.training.trainer import real_token_count
@@ -181,7 +188,7 @@ def summarise(r: dict, n6: float, layers: int, hidden: int, peak_gflops: float) 
 
 
 def compare(model, examples: list[dict], max_length: int, seconds: float, max_batches: int | None, n6, layers, hidden,
-            peak, ceiling: list[dict] | None = None) -> dict:
+            peak, ceiling: list[dict] | None = None, compiled: bool = False) -> dict:
     """Packing vs padded on the same examples (and, if given, full random batches: the ceiling), interleaved."""
     from orca8k.data.collate import CausalLMCollator
     from orca8k.data.packing import pack_examples
@@ -193,13 +200,18 @@ def compare(model, examples: list[dict], max_length: int, seconds: float, max_ba
     random.Random(1).shuffle(packed_rows)
     packed = [collate(packed_rows[i:i + BATCH_ROWS]) for i in range(0, len(packed_rows) - BATCH_ROWS + 1, BATCH_ROWS)]
     padded = [collate(order[i:i + BATCH_ROWS]) for i in range(0, len(order) - BATCH_ROWS + 1, BATCH_ROWS)]
-    runs = {"packing": packed, "padded": padded, **({"random_full_batches": ceiling} if ceiling else {})}
-    results = run_interleaved([Runner(model, b) for b in runs.values()], seconds, max_batches)
+    runs = {"packing": packed, "padded": padded, **({"random_full_batches": ceiling} if ceiling else {}),
+            **({"packing_torch_compile": packed} if compiled else {})}
+    runners = [Runner(model, b, compile=name.endswith("torch_compile")) for name, b in runs.items()]
+    results = run_interleaved(runners, seconds, max_batches)
     out = {name: summarise(r, n6, layers, hidden, peak) for name, r in zip(runs, results, strict=True)}
     out["examples"] = len(order)
     out["packed_rows"] = len(packed_rows)
     out["speedup_packing_over_padded"] = round(
         out["packing"]["useful_tokens_per_second"] / out["padded"]["useful_tokens_per_second"], 3)
+    if compiled:
+        out["speedup_packing_torch_compile_over_padded"] = round(
+            out["packing_torch_compile"]["useful_tokens_per_second"] / out["padded"]["useful_tokens_per_second"], 3)
     return out
 
 
@@ -208,6 +220,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="tiny model and few steps (a smoke run)")
     parser.add_argument("--seconds", type=float, default=25.0, help="timed seconds per collation at max_length 512")
     parser.add_argument("--long-batches", type=int, default=2, help="timed batches per collation at 8,192")
+    parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile run (≈ 35 s of compiling)")
     args = parser.parse_args()
     import torch
 
@@ -241,7 +254,8 @@ def main() -> None:
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(3, vocab, (BATCH_ROWS, 512), generator=g)
     full = [{"input_ids": ids, "labels": ids.clone(), "attention_mask": torch.ones_like(ids)}]
-    for max_length, kwargs in ((512, {"seconds": seconds, "max_batches": None, "ceiling": full}),
+    for max_length, kwargs in ((512, {"seconds": seconds, "max_batches": None, "ceiling": full,
+                                      "compiled": not args.no_compile}),
                                (8192, {"seconds": float("inf"), "max_batches": long_batches})):
         examples = encode_examples(encoder, rows, max_length)
         if args.quick:

@@ -221,3 +221,35 @@ def test_packed_rows_train_and_count_only_real_tokens(tmp_path, train_inputs, tr
     for source in ("orca-chat", "fanfics"):
         total = sum(sum(1 for x in e["labels"] if x != -100) for e in examples if e["source"] == source)
         assert _history(tracking_store, run_id, f"supervised_tokens_seen/{source}")[-1] == (steps, total)
+
+
+def test_torch_compile_trains_the_same_model_and_saves_plain_weights(tmp_path, train_inputs, tracking_store):
+    from datasets import Dataset, load_from_disk
+
+    from orca8k.data.packing import pack_examples
+
+    # packed rows: every batch has the same shape, so the compiled graph is reused step after step
+    examples = load_from_disk(str(train_inputs / "tokenized" / "train")).to_list()
+    tokenized = tmp_path / "tokenized"
+    shutil.copytree(train_inputs / "tokenized" / "val", tokenized / "val")
+    shutil.copytree(train_inputs / "tokenized" / "tokenizer", tokenized / "tokenizer")
+    Dataset.from_list(pack_examples(examples, 128)).save_to_disk(str(tokenized / "train"))
+    sets = {"paths.tokenized": str(tokenized), "train.gradient_accumulation_steps": 1, "train.max_steps": 3,
+            "train.eval_steps": 3, "train.save_steps": 3, "tracking.experiment_name": "compile"}
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    runs = {}
+    for compiled in (False, True):
+        cfg = _cfg(tmp_path / str(compiled), train_inputs, tracking_store, **sets, **{"train.torch_compile": compiled})
+        run_stage("train", cfg)
+        layout = Layout.from_config(cfg)
+        runs[compiled] = (json.loads(layout.train_metrics.read_text()), load_file(layout.model / "model.safetensors"))
+        if not compiled:
+            assert not torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > 0  # the compiled run really ran compiled graphs
+    (eager, eager_weights), (comp, comp_weights) = runs[False], runs[True]
+    assert list(comp_weights) == list(eager_weights)  # no `_orig_mod.` prefixes: later stages load it as usual
+    assert comp["global_step"] == eager["global_step"] == 3 and comp["tokens"] == eager["tokens"]
+    assert comp["eval_loss"] == pytest.approx(eager["eval_loss"], rel=1e-5)
+    for name, tensor in eager_weights.items():
+        torch.testing.assert_close(comp_weights[name], tensor, atol=1e-6, rtol=0)  # fused kernels round differently

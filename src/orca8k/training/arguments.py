@@ -184,6 +184,7 @@ def training_arguments(cfg: Config, layout: Layout, ds_config: dict[str, Any] | 
         # train.gradient_checkpointing is the seed's (and HF 4's) name; transformers 5 calls it activation_checkpointing
         activation_checkpointing=t.gradient_checkpointing,
         activation_checkpointing_kwargs={"use_reentrant": False} if t.gradient_checkpointing else None,
+        torch_compile=t.torch_compile,
         fp16=t.fp16,
         bf16=t.bf16,
         deepspeed=ds_config,

@@ -148,7 +148,7 @@ def test_a_wrongly_typed_override_is_blamed_on_the_set_not_the_file():
     with pytest.raises(ConfigError) as err:
         load_config(PARAMS, ["train.learning_rate=abc"])
     line = next(ln for ln in str(err.value).splitlines() if ln.strip().startswith("train.learning_rate:"))
-    assert line.endswith("(from --set train.learning_rate='abc')")
+    assert line.endswith("(from --set train.learning_rate=abc)")
     with pytest.raises(ConfigError) as err:  # a bad value in the file names no --set
         config_from_dict({**read_params(PARAMS), "seed": "x"}, str(PARAMS))
     assert "--set" not in str(err.value)
@@ -195,3 +195,16 @@ def test_apply_overrides_does_not_mutate_input():
     data = {"a": {"b": 1}}
     out = apply_overrides(data, ["a.b=2"])
     assert data == {"a": {"b": 1}} and out == {"a": {"b": 2}}
+
+
+def test_a_boolean_is_never_read_as_a_number():
+    # pydantic's lax mode would read `true` as 1: a typo'd `--set sampling.batch_size=true` must fail instead
+    for key, value in (("sampling.batch_size", "true"), ("sampling.compact_every", "false"), ("train.learning_rate", "true"),
+                       ("train.max_seconds", "true")):
+        with pytest.raises(ConfigError) as err:
+            load_config(PARAMS, [f"{key}={value}"])
+        assert f"{key}: expected a number, got the boolean {value} (from --set {key}={value})" in str(err.value)
+    with pytest.raises(ConfigError, match=r"train\.torch_compile: .*valid boolean \(from --set train\.torch_compile=null\)"):
+        load_config(PARAMS, ["train.torch_compile=null"])
+    cfg = load_config(PARAMS, ["train.torch_compile=true", "sampling.compact_every=null", "train.max_seconds=90"])
+    assert (cfg.train.torch_compile, cfg.sampling.compact_every, cfg.train.max_seconds) == (True, None, 90)

@@ -179,5 +179,8 @@ def test_generate_reuses_the_loaded_model(run_dir):
     qa = [QA[2], QA[3], QA[5]]  # answers longer than min_new_tokens=4
     outs = generate(cfg, model, tok, [q for q, _ in qa], config_name="greedy", max_new_tokens=16)
     assert [o.text for o in outs] == [a for _, a in qa] and all(o.ended for o in outs)
+    # without max_new_tokens, sampling.max_new_tokens applies (as in the stage): 5 < the answers' lengths
+    short = generate(_config(run_dir, "sampling.max_new_tokens=5"), model, tok, [q for q, _ in qa], config_name="greedy")
+    assert [(o.new_tokens, o.ended) for o in short] == [(5, False)] * 3
     with pytest.raises(Exception, match="not in conf.json"):
         generate(cfg, model, tok, ["x"], config_name="beam4")

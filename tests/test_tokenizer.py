@@ -172,3 +172,18 @@ def test_load_tokenizer_refuses_a_missing_or_base_tokenizer(base_tokenizer_dir, 
     load_base_tokenizer(base_tokenizer_dir).save_pretrained(tmp_path / "base")
     with pytest.raises(ValueError, match=r"'<\|system\|>' is not a single known token"):
         load_tokenizer(tmp_path / "base")
+
+
+def test_saved_files_do_not_depend_on_offline_mode(base_tokenizer_dir, tokenizer_dir, tmp_path, monkeypatch):
+    import huggingface_hub.constants
+
+    saved = {}
+    for offline in (True, False):  # tests run with HF_HUB_OFFLINE=1; `orca8k` from a shell usually without
+        monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", offline)
+        for name, tok in (("base", prepare_tokenizer(load_base_tokenizer(base_tokenizer_dir))),
+                          ("saved", load_tokenizer(tokenizer_dir))):
+            out = tmp_path / f"{name}-{offline}"
+            tok.save_pretrained(out)
+            saved[name, offline] = {f.name: f.read_bytes() for f in sorted(out.iterdir())}
+            assert "local_files_only" not in json.loads((out / "tokenizer_config.json").read_text())
+    assert saved["base", True] == saved["base", False] and saved["saved", True] == saved["saved", False]

@@ -52,7 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.add_argument("--model", default=None, help="model dir or MLflow URI (default: paths.model)")
     p.add_argument("--system", default=None, help="system prompt (v3 format)")
-    p.add_argument("--max-new-tokens", type=_positive_int, default=128, help="tokens to generate at most (≥ 1)")
+    p.add_argument("--max-new-tokens", type=_positive_int, default=None,
+                   help="tokens to generate at most (≥ 1; default: sampling.max_new_tokens, else the sampling config's)")
     p.add_argument("--config", dest="sampling_config", default="greedy", help="a sampling config name from sampling.config_file")
     p.add_argument("prompts", nargs="+", help="user prompts")
     return parser

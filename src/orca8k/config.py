@@ -15,6 +15,8 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import types
+import typing
 from pathlib import Path
 from typing import Any, Literal
 
@@ -28,9 +30,31 @@ CHAT_FORMATS = ("orca_chat",)
 
 
 class StrictModel(BaseModel):
-    """Base: unknown keys are errors, values are validated on assignment too."""
+    """Base: unknown keys are errors, values are validated on assignment too, and a boolean is never taken for a
+    number (pydantic's lax mode reads `true` as 1; its strict mode would also refuse YAML 1.1's `3e-4`, a string)."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_boolean_for_a_number(cls, value: Any, info: Any) -> Any:
+        if isinstance(value, bool) and info.field_name in cls.model_fields:
+            types = _leaf_types(cls.model_fields[info.field_name].annotation)
+            if bool not in types and types & {int, float}:
+                raise ValueError(f"expected a number, got the boolean {str(value).lower()}")
+        return value
+
+
+def _leaf_types(annotation: Any) -> set[Any]:
+    """The plain types inside an annotation (`int | None` → {int, NoneType}); Literal values and generics count as
+    their origin."""
+    args = typing.get_args(annotation)
+    if typing.get_origin(annotation) is Literal:
+        return {type(a) for a in args}
+    if not args:
+        return {annotation}
+    return set().union(*(_leaf_types(a) for a in args)) | ({typing.get_origin(annotation)} - {types.UnionType,
+                                                                                            typing.Union})
 
 
 # --------------------------------------------------------------------------------------------------- paths
@@ -255,8 +279,8 @@ class TrainConfig(StrictModel):
     save_total_limit: int = Field(ge=1)
     logging_steps: int = Field(ge=1)
     gradient_checkpointing: bool
-    torch_compile: bool = Field(False, description="torch.compile the model (inductor): ≈ 10 % per step on the demo "
-                                "model on CPU, after ≈ 35 s of compiling; shapes that vary (padded batches) recompile.")
+    torch_compile: bool = Field(False, description="torch.compile the model (inductor): 10–17 % per step on the "
+                                "demo model on CPU, after 20–35 s of compiling; shapes that vary (padded batches) recompile.")
     fp16: bool = False
     bf16: bool = False
     deepspeed: str | None = Field(None, description="DeepSpeed config JSON (repo-relative), e.g. configs/deepspeed/zero2.json.")
@@ -451,9 +475,11 @@ def _format_validation_error(err: ValidationError, source: str, overridden: dict
     lines = [f"{source}: invalid config"]
     for e in err.errors():
         loc = ".".join(str(p).rstrip("_") for p in e["loc"])
-        msg = "unknown key" if e["type"] == "extra_forbidden" else e["msg"]
+        msg = "unknown key" if e["type"] == "extra_forbidden" else e["msg"].removeprefix("Value error, ")
         # a value that came from --set is blamed on the --set, not on the file
-        origin = next((f" (from --set {k}={v!r})" for k, v in (overridden or {}).items()
+        # the value as typed: `abc`, `null`, `true` (not Python's 'abc', None, True)
+        origin = next((f" (from --set {k}={v if isinstance(v, str) else json.dumps(v)})"
+                       for k, v in (overridden or {}).items()
                        if loc == k or loc.startswith(k + ".")), "")
         lines.append(f"  {loc or '(root)'}: {msg}{origin}")
     return "\n".join(lines)

@@ -81,7 +81,8 @@ def generate(
         prompts: user prompts.
         system: system prompt (a `<|system|>` block); None uses the configuration's `pre_text`, "" none at all.
         config_name: which configuration to decode with (merged over the file's default).
-        max_new_tokens: overrides the configuration's.
+        max_new_tokens: overrides the configuration's; None takes `cfg.sampling.max_new_tokens`, and when that is null
+            too, the configuration's own (the sampling-report stage's rule).
 
     Returns:
         One `Generation` per prompt.
@@ -101,6 +102,8 @@ def generate(
         raise ConfigError(f"--config {config_name}: not in {cfg.sampling.config_file} (have: {', '.join(merged)})")
     sc = merged[config_name]
     args = dict(sc.generate_args)
+    if max_new_tokens is None:
+        max_new_tokens = cfg.sampling.max_new_tokens
     if max_new_tokens is not None:
         args["max_new_tokens"] = max_new_tokens
     encoder = ChatEncoder(tokenizer)

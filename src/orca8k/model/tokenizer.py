@@ -149,10 +149,23 @@ def load_base_tokenizer(name_or_path: str | Path, revision: str | None = None) -
     local = Path(name_or_path)
     if local.is_dir() and not ((local / "tokenizer.model").is_file() or (local / "tokenizer.json").is_file()):
         raise StageInputMissing(f"{local}: no tokenizer.model or tokenizer.json (is the base stage done?)")
-    return LlamaTokenizer.from_pretrained(
+    return drop_loading_kwargs(LlamaTokenizer.from_pretrained(
         str(name_or_path), revision=revision, legacy=False, add_bos_token=False, add_eos_token=False,
         trust_remote_code=False,
-    )
+    ))
+
+
+# how a tokenizer was loaded, not what it is: transformers keeps these in `init_kwargs`, so `save_pretrained` would
+# write e.g. `"local_files_only": true` under HF_HUB_OFFLINE=1 and false without it — the same tokenizer, other bytes
+LOADING_KWARGS = ("local_files_only", "cache_dir", "force_download", "proxies", "token", "revision", "subfolder")
+
+
+def drop_loading_kwargs(tok: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
+    """Remove `LOADING_KWARGS` from `tok.init_kwargs` (in place; also returned), so what `save_pretrained` writes
+    depends on the tokenizer only, not on the environment it was loaded in."""
+    for key in LOADING_KWARGS:
+        tok.init_kwargs.pop(key, None)
+    return tok
 
 
 def fix_tokenization_settings(tok: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
@@ -228,6 +241,7 @@ def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
     if not (path / "tokenizer_config.json").is_file():
         raise StageInputMissing(f"{path}: no tokenizer here (run `orca8k tokenize` first)")
     tok = AutoTokenizer.from_pretrained(str(path), legacy=False, add_bos_token=False, add_eos_token=False, trust_remote_code=False)
+    drop_loading_kwargs(tok)
     check_tokenizer(tok)
     return tok
 

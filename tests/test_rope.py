@@ -147,3 +147,12 @@ def test_scaling_and_logits_survive_save_and_reload(saved_base, tmp_path):
 def test_load_rejects_a_bad_scaling_before_loading_weights(saved_base):
     with pytest.raises(ConfigError, match="factor"):
         load_causal_lm(saved_base, rope_scaling={"type": "linear", "factor": 0.5})
+
+
+def test_saved_weights_are_as_readable_as_the_config(saved_base):
+    import os
+
+    umask = os.umask(0)
+    os.umask(umask)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in saved_base.iterdir()}
+    assert modes["model.safetensors"] == modes["config.json"] == 0o666 & ~umask  # safetensors alone writes 0600

@@ -4,6 +4,7 @@ logged, checkpoints, the facts printed before step 0, and the stops (non-finite 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 
 import pytest
@@ -46,6 +47,9 @@ def test_outputs_follow_the_rope_convention_and_reload(trained, train_inputs):
     assert config["use_cache"] is True
     files = sorted(p.name for p in layout.model.iterdir())
     assert "model.safetensors" in files and not [f for f in files if f.endswith((".bin", ".pt", ".pth"))], files
+    umask = os.umask(0)
+    os.umask(umask)  # safetensors writes 0600: the weights must be as readable as the config next to them
+    assert {p.name: p.stat().st_mode & 0o777 for p in layout.model.iterdir()} == dict.fromkeys(files, 0o666 & ~umask)
     tok = load_tokenizer(layout.model)  # the OA tokenizer travels with the model
     assert len(tok) == 600 + len(OA_SPECIAL_TOKENS)
     # the final model is the last checkpoint's weights, and reloads with its scaling

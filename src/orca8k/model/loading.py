@@ -115,4 +115,23 @@ def save_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase | None
     model.save_pretrained(out_dir, safe_serialization=True)
     if tokenizer is not None:
         tokenizer.save_pretrained(out_dir)
-    return out_dir
+    return share_like_other_files(out_dir)
+
+
+def share_like_other_files(folder: str | Path) -> Path:
+    """Give the files of `folder` the permissions a new file gets under the process umask (0644 under umask 022).
+
+    safetensors writes its files owner-only (0600), unlike every other file of a saved model, so a server or a
+    colleague running as another user could read the config but not the weights.
+
+    Returns:
+        `folder`.
+    """
+    import os
+
+    umask = os.umask(0)
+    os.umask(umask)
+    for f in Path(folder).rglob("*"):
+        if f.is_file() and not f.is_symlink():
+            f.chmod(0o666 & ~umask)
+    return Path(folder)

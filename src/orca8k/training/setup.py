@@ -197,6 +197,7 @@ def save_final_model(trainer: Orca8kTrainer, out_dir: Path) -> Path:
     Raises:
         TrainingError: the saved folder has no safetensors weights or lost the RoPE settings.
     """
+    from orca8k.model.loading import share_like_other_files
     from orca8k.model.rope import scaling_of
 
     tmp = out_dir.with_name(out_dir.name + ".tmp")
@@ -208,6 +209,7 @@ def save_final_model(trainer: Orca8kTrainer, out_dir: Path) -> Path:
     barrier()
     if is_main():
         (tmp / "training_args.bin").unlink(missing_ok=True)
+        share_like_other_files(tmp)
         saved = json.loads((tmp / "config.json").read_text())
         if saved.get("rope_parameters") != scaling_of(trainer.model.config) or not list(tmp.glob("*.safetensors")):
             raise TrainingError(f"{tmp}: the saved model lacks safetensors weights or its RoPE settings")

@@ -1,0 +1,295 @@
+"""Batched generation for sampling reports and `orca8k generate`: prompts in the OA format, left padding with
+attention masks, the effective decoding parameters, and outputs cut at the first `</s>`.
+
+Prompts are built with `orca8k.data.chat_format.ChatEncoder.encode_prompt`, the same function (and the same BOS
+rule) as training. Rows of a batch are left-padded with the pad id (= `</s>`) and masked; transformers derives
+`position_ids` from the attention mask (`cumsum - 1`), so a padded row sees the same positions — and, with greedy
+decoding, gives the same tokens — as the prompt alone (up to float rounding where two logits tie).
+
+`generate` keeps a finished row in its batch until the longest row ends, so one long reply makes every short one pay
+for its steps. `generate_batched` therefore runs `generate` `compact_every` new tokens at a time and, between calls,
+drops the finished rows from the batch and from its KV cache (`Cache.batch_select_indices`); the rest continue from
+the cache, with `min_new_tokens` reduced by the tokens already made. A row's computation is the same either way, so
+greedy outputs do not change; sampled draws do (fewer rows draw from the generator), as they do with the batch size.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal
+
+from orca8k.model.rope import scaling_of
+from orca8k.model.tokenizer import PREFIX_BEGIN, PREFIX_END
+
+if TYPE_CHECKING:
+    from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
+
+    from orca8k.data.chat_format import ChatEncoder
+
+Mode = Literal["v3", "v2_5"]
+
+# Decoding parameters recorded in a report when set: the ones that act in every mode, those that act only when
+# sampling, and those that act only with beam search.
+_COMMON_KEYS = (
+    "do_sample", "num_beams", "max_new_tokens", "max_length", "min_new_tokens", "min_length", "repetition_penalty",
+    "no_repeat_ngram_size", "bos_token_id", "eos_token_id", "pad_token_id",
+)
+_SAMPLING_KEYS = ("temperature", "top_k", "top_p", "typical_p", "min_p", "epsilon_cutoff", "eta_cutoff")
+COMPACT_EVERY = 8  # new tokens per generate call of `generate_batched` (finished rows leave the batch between calls)
+_BEAM_KEYS = ("length_penalty", "early_stopping", "num_beam_groups", "diversity_penalty")
+
+
+@dataclass(frozen=True)
+class Generation:
+    """One generated output.
+
+    Attributes:
+        token_ids: the new tokens up to and including the first `</s>` (all new tokens when none came).
+        text: `token_ids` decoded (special tokens kept or skipped as asked).
+        ended: True when the output ended with `</s>` within `max_new_tokens` (a proper end).
+        empty: True when nothing but special tokens or whitespace came before the end.
+    """
+
+    token_ids: tuple[int, ...]
+    text: str
+    ended: bool
+    empty: bool
+
+    @property
+    def new_tokens(self) -> int:
+        return len(self.token_ids)
+
+
+def build_prompt_ids(
+    encoder: ChatEncoder, prompt: str, *, mode: Mode = "v3", pre_text: str | None = None, add_prefix_tokens: bool = False
+) -> list[int]:
+    """Token ids of a generation prompt, BOS exactly once (added by `ChatEncoder.encode_prompt`).
+
+    Modes (OA's `sampling_report.py`):
+        v3: `<s><|system|>{pre_text}</s><|prompter|>{prompt}</s><|assistant|>` (no system block without pre_text).
+        v2_5: `<s>{prefix}<|prompter|>{prompt}</s><|assistant|>`, where prefix is `pre_text` as plain text, or
+            `<|prefix_begin|>{pre_text}<|prefix_end|>` with `add_prefix_tokens` (OA's v2.5 prefix); empty without
+            pre_text.
+
+    Raises:
+        ValueError: unknown mode.
+    """
+    if mode == "v3":
+        return encoder.encode_prompt(prompt, system=pre_text or None)
+    if mode != "v2_5":
+        raise ValueError(f"unknown prompt mode {mode!r}; use v3 or v2_5")
+    ids = encoder.encode_prompt(prompt, system=None)
+    if not pre_text:
+        return ids
+    if add_prefix_tokens:
+        begin, end = encoder.tokenizer.convert_tokens_to_ids([PREFIX_BEGIN, PREFIX_END])
+        prefix = [begin, *encoder.segment_ids(pre_text), end]
+    else:
+        prefix = encoder.segment_ids(pre_text, first=True)
+    return [ids[0], *prefix, *ids[1:]]  # ids[0] is the BOS encode_prompt added
+
+
+def resolve_generation_config(
+    model: PreTrainedModel, generate_args: dict[str, Any], *, eos_token_id: int, pad_token_id: int
+) -> GenerationConfig:
+    """The generation config `model.generate` will actually use, resolved up front so it can be recorded.
+
+    Precedence as in transformers 5's `generate`: `generate_args` > the model's `generation_config` (a checkpoint
+    may carry e.g. `temperature`/`top_p`) > transformers' global defaults (e.g. `top_k=50`, applied whenever
+    `do_sample` is true and `top_k` unset). EOS and pad are the tokenizer's `</s>`.
+
+    Raises:
+        ValueError: transformers rejects the combination (e.g. a negative temperature).
+    """
+    from transformers import GenerationConfig
+
+    config = GenerationConfig(**generate_args, eos_token_id=eos_token_id, pad_token_id=pad_token_id)
+    model_defaults = model.generation_config.to_dict() if model.generation_config is not None else {}
+    config.update(**model_defaults, defaults_only=True)
+    config.update(**GenerationConfig._get_default_generation_params(), defaults_only=True)
+    # `max_new_tokens`/`min_new_tokens` replace the absolute lengths (generate sets them from the prompt length);
+    # leaving the absolute ones unset avoids transformers' "both were set" warning.
+    if config.max_new_tokens is not None:
+        config.max_length = None
+    if config.min_new_tokens is not None:
+        config.min_length = None
+    config.validate(strict=False)
+    return config
+
+
+def effective_params(config: GenerationConfig) -> dict[str, Any]:
+    """The decoding parameters that act, from a resolved config (no None values).
+
+    Sampling knobs are listed only when `do_sample` is true, beam knobs only when `num_beams > 1`, so a greedy
+    report does not show a `top_k` that never applied, and a sampled one shows the implicit `top_k=50`.
+    """
+    keys = list(_COMMON_KEYS)
+    if config.do_sample:
+        keys += _SAMPLING_KEYS
+    if (config.num_beams or 1) > 1:
+        keys += _BEAM_KEYS
+    out = {}
+    for key in keys:
+        value = getattr(config, key, None)
+        if value is not None:
+            out[key] = value
+    return out
+
+
+def model_facts(model: PreTrainedModel) -> dict[str, Any]:
+    """The model settings that change outputs: dtype, RoPE settings, native context, attention kernel."""
+    config = model.config
+    facts = {
+        "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+        "rope_parameters": scaling_of(config),
+        "max_position_embeddings": getattr(config, "max_position_embeddings", None),
+        "attn_implementation": getattr(config, "_attn_implementation", None),
+        "device": str(next(model.parameters()).device),
+    }
+    return {k: v for k, v in facts.items() if v is not None}
+
+
+def derive_seed(seed: int, *parts: object) -> int:
+    """A 63-bit seed from the run seed and labels (config name, sample index): the same labels give the same seed,
+    whichever other configurations run, so a configuration's outputs do not depend on its neighbours."""
+    digest = hashlib.sha256(":".join(str(p) for p in (seed, *parts)).encode()).digest()
+    return int.from_bytes(digest[:8], "big") >> 1
+
+
+def cut_at_eos(new_ids: Sequence[int], eos_token_id: int) -> tuple[list[int], bool]:
+    """New tokens up to and including the first `eos_token_id`, and whether it was found.
+
+    Args:
+        new_ids: the generated tokens only (prompt removed) `[new_tokens]`; batched rows may trail pad (= eos) ids.
+        eos_token_id: the id of `</s>`.
+
+    Returns:
+        (kept ids, ended): everything after the first EOS dropped; `ended` is False when no EOS was generated.
+    """
+    ids = [int(x) for x in new_ids]
+    if eos_token_id in ids:
+        return ids[: ids.index(eos_token_id) + 1], True
+    return ids, False
+
+
+def batch_groups(prompt_ids: Sequence[Sequence[int]], batch_size: int) -> list[list[int]]:
+    """The prompts of each `generate` call of `generate_batched`: indices ordered longest prompt first (ties: input
+    order), cut into groups of `batch_size`, so a batch pads little."""
+    order = sorted(range(len(prompt_ids)), key=lambda i: -len(prompt_ids[i]))
+    return [order[k : k + batch_size] for k in range(0, len(order), batch_size)]
+
+
+def generate_batched(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompt_ids: Sequence[Sequence[int]],
+    generation_config: GenerationConfig,
+    *,
+    batch_size: int,
+    skip_special_tokens: bool = True,
+    seed: int | None = None,
+    compact_every: int | None = COMPACT_EVERY,
+) -> list[Generation]:
+    """Generate for many prompts, `batch_size` at a time, left-padded with attention masks.
+
+    Prompts are grouped by length (longest first) to waste little compute on padding, and the results come back in
+    the input order. Only the new tokens are decoded, cut at the first `</s>` (kept in `token_ids`; dropped from
+    `text` when `skip_special_tokens`).
+
+    Sampling draws from torch's global generator, seeded once here with `seed`: a fixed seed, batch size and prompt
+    list give the same outputs; another batch size draws differently (greedy outputs do not depend on it).
+
+    Args:
+        model: a causal LM in eval mode.
+        tokenizer: its tokenizer (pad = eos = `</s>`).
+        prompt_ids: one list of token ids per prompt, each starting with BOS (`build_prompt_ids`).
+        generation_config: from `resolve_generation_config` (its `eos_token_id` ends an output).
+        batch_size: rows per `generate` call.
+        skip_special_tokens: drop special tokens (`</s>`, `<|assistant|>`, ...) from the decoded text.
+        seed: seeds torch's generator before the first batch (None leaves it as it is).
+        compact_every: new tokens per `generate` call; finished rows leave the batch between calls (see the module
+            docstring). None: one call per batch, finished rows kept to the end (transformers' behaviour). Ignored
+            (None) for beam search and `num_return_sequences` > 1, whose rows are not independent prompts.
+
+    Returns:
+        One `Generation` per prompt, in order.
+
+    Raises:
+        ValueError: an empty prompt, `batch_size` < 1 or `compact_every` < 1.
+    """
+    import torch
+
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if compact_every is not None and compact_every < 1:
+        raise ValueError(f"compact_every must be >= 1 or None, got {compact_every}")
+    if any(len(p) == 0 for p in prompt_ids):
+        raise ValueError("generate_batched: empty prompt ids")
+    eos = generation_config.eos_token_id
+    eos = eos[0] if isinstance(eos, list) else eos
+    pad = generation_config.pad_token_id if generation_config.pad_token_id is not None else eos
+    device = next(model.parameters()).device
+    results: dict[int, Generation] = {}
+    if seed is not None:
+        torch.manual_seed(seed)
+    with torch.inference_mode():
+        for rows in batch_groups(prompt_ids, batch_size):
+            width = max(len(prompt_ids[i]) for i in rows)
+            input_ids = torch.full((len(rows), width), pad, dtype=torch.long)  # [batch, seq_len]
+            attention_mask = torch.zeros((len(rows), width), dtype=torch.long)  # [batch, seq_len]
+            for r, i in enumerate(rows):
+                ids = torch.tensor(list(prompt_ids[i]), dtype=torch.long)
+                input_ids[r, width - len(ids) :] = ids
+                attention_mask[r, width - len(ids) :] = 1
+            new = _generate_compacting(model, input_ids.to(device), attention_mask.to(device), generation_config,
+                                       eos, compact_every)
+            for r, i in enumerate(rows):
+                kept, ended = cut_at_eos(new[r], eos)
+                text = tokenizer.decode(kept, skip_special_tokens=skip_special_tokens)
+                plain = text if skip_special_tokens else tokenizer.decode(kept, skip_special_tokens=True)
+                results[i] = Generation(tuple(kept), text, ended, not plain.strip())
+    return [results[i] for i in range(len(prompt_ids))]
+
+
+def _generate_compacting(model: PreTrainedModel, input_ids: Any, attention_mask: Any, generation_config: GenerationConfig,
+                         eos: int, compact_every: int | None) -> list[list[int]]:
+    """The new token ids of each row of one left-padded batch (`input_ids`, `attention_mask`: [batch, seq_len]),
+    generated `compact_every` tokens per `generate` call, finished rows dropped between calls (module docstring)."""
+    import torch
+
+    total = generation_config.max_new_tokens
+    if (compact_every is None or total is None or (generation_config.num_beams or 1) > 1
+            or (generation_config.num_return_sequences or 1) > 1):
+        out = model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=generation_config)
+        return out[:, input_ids.shape[1]:].tolist()  # [batch, new_tokens]
+    width = input_ids.shape[1]
+    min_new = generation_config.min_new_tokens or 0
+    new_ids: list[list[int]] = [[] for _ in range(input_ids.shape[0])]
+    rows = torch.arange(input_ids.shape[0])  # the batch's rows still generating, by their index in `input_ids`
+    sequences, mask, cache, done = input_ids, attention_mask, None, 0
+    while True:
+        step = copy.deepcopy(generation_config)
+        step.max_new_tokens = min(compact_every, total - done)
+        step.min_new_tokens = min(step.max_new_tokens, max(0, min_new - done)) or None
+        step.return_dict_in_generate = True
+        out = model.generate(input_ids=sequences, attention_mask=mask, generation_config=step, cache=cache)
+        made = out.sequences.shape[1] - sequences.shape[1]  # fewer than asked when every row ended
+        done += made
+        # a row is done when it made `</s>` or reached `max_new_tokens`; generate stops early only when all are done
+        finished = (out.sequences[:, sequences.shape[1]:] == eos).any(dim=1).cpu()
+        if done >= total or made < step.max_new_tokens:
+            finished[:] = True
+        for r in torch.nonzero(finished).flatten().tolist():
+            new_ids[int(rows[r])] = out.sequences[r, width:].tolist()
+        keep = torch.nonzero(~finished).flatten()
+        if keep.numel() == 0:
+            return new_ids
+        cache, keep_here = out.cache, keep.to(out.sequences.device)
+        if keep.numel() < finished.numel():
+            cache.batch_select_indices(keep_here)
+        sequences = out.sequences[keep_here]
+        mask = torch.cat([mask[keep_here], mask.new_ones((keep.numel(), made))], dim=1)
+        rows = rows[keep]

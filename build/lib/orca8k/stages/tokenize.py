@@ -1,0 +1,457 @@
+"""Stage `tokenize`: the validated mix → the OA fine-tuning tokenizer, tokenized train/val sets and token statistics.
+
+Reads `layout.mix_train` / `layout.mix_val` (CONTRACTS §1), the validation result (it must be a success) and the
+base tokenizer (`orca8k.model.base.resolve_base`). Writes:
+
+- `layout.tokenizer`: `prepare_tokenizer(base)` (OA special tokens, pinned settings, chat template);
+- `layout.tokenized_val`: one example per row (`datasets.save_to_disk`), columns `id` (`{row_id}#{part}`),
+  `row_id`, `source`, `kind`, `part`, `parts`, `input_ids`, `labels`, `assistant_turns`, `cut_tokens`;
+- `layout.tokenized_train`: the same columns, or with `tokenize.packing` packed rows `input_ids`, `labels`,
+  `position_ids`, `num_examples`, `sources` (each example's source, for train's per-source token curves;
+  `orca8k.data.packing`);
+- `layout.tokenize_dropped`: examples dropped for having no supervised token (JSON lines, with the reason);
+- `layout.token_validation`: the token-level suite (`orca8k.validation.token_suite`: result JSON + Data Docs); a
+  failing check stops the stage with `ValidationFailed`;
+- `layout.tokenize_metrics` (DVC metrics): per split and per source rows, examples, tokens, supervised tokens, share,
+  split/cut/drop counts and rates (`plan.py` reads `["train"]["rows" | "tokens" | "supervised_tokens"]`).
+
+Encoding is `EncodeBatches` inside `datasets.map` (batched, Arrow in and out; `tokenize.num_proc` processes; progress
+bar): segments of a batch go through the Rust tokenizer in one call, and in one process the next batch's call runs in
+a thread while this batch is assembled. Packing plans bins per shard of examples so memory
+stays bounded by the shard, not the split.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import time
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from orca8k.config import Config
+from orca8k.data.chat_format import ChatEncoder, RowError, RowExamples, SegmentedRows
+from orca8k.data.packing import pack_table
+from orca8k.data.token_stats import (
+    BOOL_STAT_COLUMNS,
+    EXAMPLE_STAT_COLUMNS,
+    SpecialIds,
+    example_stats,
+    packed_row_stats,
+)
+from orca8k.errors import DataError, StageInputMissing, ValidationFailed
+from orca8k.layout import Layout
+from orca8k.model.tokenizer import load_base_tokenizer, padded_vocab_size, prepare_tokenizer
+from orca8k.stages import StageResult
+
+if TYPE_CHECKING:
+    import pandas as pd
+    import pyarrow as pa
+    from datasets import Dataset
+
+SPLITS = ("train", "val")
+MAP_BATCH_ROWS = 256  # mix rows per datasets.map batch (one Rust tokenizer call per batch)
+PACK_SHARD_EXAMPLES = 65536  # examples planned together by the bin packer (bounds memory)
+META_COLUMNS = ("id", "row_id", "source", "kind", "part", "parts", "assistant_turns", "cut_tokens")
+STAT_PREFIX = "stat_"  # per-example statistics ride along in the encoded work file, dropped before anything is saved
+STAT_COLUMNS = tuple(STAT_PREFIX + c for c in EXAMPLE_STAT_COLUMNS)
+
+
+def run(cfg: Config) -> StageResult:
+    """Tokenize the mix (see the module docstring).
+
+    Returns:
+        `StageResult` with the outputs and, per split, rows, examples, tokens and supervised tokens.
+
+    Raises:
+        StageInputMissing: the mix, the validation result or the base tokenizer is missing.
+        ValidationFailed: the mix's validation result is not a success, or the token-level suite fails (its result,
+            Data Docs and the metrics are still written; the train/val datasets are removed).
+        DataError: a mix row breaks the input contract; the message names the file, the row id and the field.
+    """
+    layout = Layout.from_config(cfg)
+    t = cfg.tokenize
+    timer = _Timer()
+    _check_inputs(layout)
+    with timer("tokenizer"):
+        tokenizer = prepare_tokenizer(load_base_tokenizer(_base_dir(cfg)))
+        if layout.tokenized.exists():
+            shutil.rmtree(layout.tokenized)
+        layout.tokenized.mkdir(parents=True)
+        layout.metrics.mkdir(parents=True, exist_ok=True)
+        tokenizer.save_pretrained(layout.tokenizer)
+        encoder = ChatEncoder(tokenizer, train_on_system=t.train_on_system)
+    special = SpecialIds.of(encoder)
+    stats: dict[str, pd.DataFrame] = {}
+    counts: dict[str, dict[str, Any]] = {}
+    dropped_lines: list[str] = []
+    try:
+        for split, path in (("train", layout.mix_train), ("val", layout.mix_val)):
+            with timer(f"encode_{split}"), _rust_threads(t.num_proc == 1):
+                examples, dropped = _encode_split(path, encoder, t.max_length, t.num_proc, layout.tokenize_work, split)
+            dropped_lines += dropped
+            with timer("stats"):
+                stats[split] = _example_frame(examples)
+                examples = examples.remove_columns(list(STAT_COLUMNS))
+            out = layout.tokenized_train if split == "train" else layout.tokenized_val
+            if split == "train" and t.packing:
+                with timer("pack"):
+                    packed, counts[split] = _pack(examples, t.max_length, layout.tokenize_work, special)
+                with timer("save"):
+                    packed.save_to_disk(str(out))
+                del packed
+            else:
+                with timer("save"):
+                    examples.save_to_disk(str(out))
+                counts[split] = {"rows": len(examples)}
+            counts[split]["mix_rows"] = _mix_rows(path)
+            del examples
+    finally:
+        shutil.rmtree(layout.tokenize_work, ignore_errors=True)
+    layout.tokenize_dropped.write_text("".join(dropped_lines), encoding="utf-8")
+    vocab = {"vocab_size": len(tokenizer),
+             "padded_vocab_size": padded_vocab_size(tokenizer, cfg.model.pad_vocab_size_multiple)}
+    metrics = _metrics(cfg, stats, counts, dropped_lines, vocab)
+    layout.tokenize_metrics.write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
+    with timer("validate"):
+        try:
+            validation = _validate(cfg, layout, stats, counts, metrics)
+        except ValidationFailed:
+            # nothing downstream may train on tokens that failed their contract; the result, the Data Docs, the
+            # metrics and the dropped examples stay to explain why
+            for out in (layout.tokenized_train, layout.tokenized_val):
+                shutil.rmtree(out, ignore_errors=True)
+            raise
+    return StageResult(
+        stage="tokenize",
+        outputs={"tokenizer": layout.tokenizer, "train": layout.tokenized_train, "val": layout.tokenized_val,
+                 "dropped": layout.tokenize_dropped, "validation": layout.token_validation,
+                 "metrics": layout.tokenize_metrics},
+        summary={split: {k: metrics[split][k] for k in ("rows", "examples", "tokens", "supervised_tokens")}
+                 for split in SPLITS} | {"token_validation": validation, "phase_seconds": timer.seconds,
+                                      "phase_cpu_seconds": timer.cpu_seconds},
+    )
+
+
+@contextlib.contextmanager
+def _rust_threads(enabled: bool) -> Iterator[None]:
+    """Let the Rust tokenizer use its threads while encoding in-process (`tokenize.num_proc: 1`).
+
+    `orca8k` sets `TOKENIZERS_PARALLELISM=false` by default (forked workers elsewhere would otherwise warn or
+    deadlock); no process is forked while one process encodes, so that default is lifted for the encoding only —
+    unless the user set the variable, which always wins. With `num_proc > 1`, datasets forks workers and parallelism
+    comes from them instead.
+    """
+    import orca8k
+
+    key = "TOKENIZERS_PARALLELISM"
+    if not enabled or key not in orca8k.ENV_DEFAULTS_APPLIED:
+        yield
+        return
+    previous = os.environ.get(key)
+    os.environ[key] = "true"
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = previous
+
+
+class _Timer:
+    """Wall-clock and CPU seconds (this process, all its threads) per named phase, summed over repeats."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+        self.cpu_seconds: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def __call__(self, name: str) -> Iterator[None]:
+        start, cpu = time.perf_counter(), time.process_time()
+        try:
+            yield
+        finally:
+            self.seconds[name] = round(self.seconds.get(name, 0.0) + time.perf_counter() - start, 3)
+            self.cpu_seconds[name] = round(self.cpu_seconds.get(name, 0.0) + time.process_time() - cpu, 3)
+
+
+# --------------------------------------------------------------------------------------------------- inputs
+def _check_inputs(layout: Layout) -> None:
+    for path in (layout.mix_train, layout.mix_val):
+        if not path.is_file():
+            raise StageInputMissing(f"{path}: no mix (run `orca8k mix` first)")
+    if not layout.validation_result.is_file():
+        raise StageInputMissing(f"{layout.validation_result}: no validation result (run `orca8k validate` first)")
+    result = json.loads(layout.validation_result.read_text())
+    if result.get("success") is not True:
+        raise ValidationFailed(f"{layout.validation_result}: the mix failed validation; fix the data before tokenize")
+
+
+def _base_dir(cfg: Config) -> Path:
+    """The base tokenizer's folder (`orca8k.model.base.resolve_base`: `paths.base` for the demo, the recorded
+    snapshot for a hub base)."""
+    from orca8k.model.base import resolve_base
+
+    return Path(resolve_base(cfg))
+
+
+def _mix_rows(path: Path) -> dict[str, int]:
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    counts = pc.value_counts(pq.read_table(path, columns=["source"]).column("source").combine_chunks())
+    return {str(c["values"]): int(c["counts"]) for c in counts.to_pylist()}
+
+
+# --------------------------------------------------------------------------------------------------- encoding
+def _features() -> Any:
+    from datasets import Features, List, Value
+
+    int32 = Value("int32")
+    return Features({
+        "id": Value("string"), "row_id": Value("string"), "source": Value("string"), "kind": Value("string"),
+        "part": int32, "parts": int32, "input_ids": List(int32), "labels": List(int32), "assistant_turns": int32,
+        "cut_tokens": int32, "dropped": Value("bool"),
+    } | {STAT_PREFIX + c: Value("bool" if c in BOOL_STAT_COLUMNS else "int64") for c in EXAMPLE_STAT_COLUMNS})
+
+
+class EncodeBatches:
+    """The `datasets.map` function (Arrow format, `with_indices=True`): a batch of mix rows → one output row per
+    example (dropped ones flagged, `_features()` columns), built as Arrow arrays straight from the encoder's lists.
+
+    With `prefetch` (the split's table, read in `batch_rows` batches in order: one process), the next batch's
+    segments go through the Rust tokenizer (`ChatEncoder.segment_rows`, which releases the GIL) in a background
+    thread while this batch is assembled, so the tokenizer's threads and the Python work share the cores; a batch
+    that was not prefetched is segmented on the spot. Without `prefetch` (picklable: `num_proc > 1`) each batch is
+    encoded in turn.
+
+    Args:
+        encoder: the chat encoder.
+        max_length: tokens per example.
+        source_file: named in errors.
+        prefetch: the table `datasets.map` runs over (no indices mapping), or None.
+        batch_rows: `datasets.map`'s `batch_size`.
+
+    Raises:
+        DataError: (on call) naming `source_file`, the row id and the field.
+    """
+
+    def __init__(self, encoder: ChatEncoder, max_length: int, source_file: str, prefetch: pa.Table | None = None,
+                 batch_rows: int = MAP_BATCH_ROWS) -> None:
+        self.encoder, self.max_length, self.source_file = encoder, max_length, source_file
+        self.special = SpecialIds.of(encoder)
+        self.table, self.batch_rows = prefetch, batch_rows
+        self._pool: ThreadPoolExecutor | None = None
+        self._pending: tuple[int, Future] | None = None
+
+    def __call__(self, batch: pa.Table, indices: list[int]) -> pa.Table:
+        start = indices[0] if indices else 0
+        pending, self._pending = self._pending, None
+        current = pending[1] if pending is not None and pending[0] == start else None
+        following = start + len(indices)
+        if self.table is not None and following < len(self.table):  # the next batch, while this one is assembled
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(1, thread_name_prefix="orca8k-tokenize")
+            self._pending = (following, self._pool.submit(self._segment, self.table.slice(following, self.batch_rows)))
+        try:
+            segmented = current.result() if current is not None else self._segment(batch)
+            rows = self.encoder.assemble_rows(segmented, self.max_length)
+        except RowError as err:
+            kind = batch.column("kind")[err.row].as_py()
+            field = "messages" if kind == "chat" else "kind/text"
+            raise DataError(f"{self.source_file}: row id={batch.column('id')[err.row].as_py()!r}: {field}: "
+                            f"{err.message}") from None
+        return _examples_table(batch, rows, self.special, self.encoder.train_on_system)
+
+    def close(self) -> None:
+        """Stop the prefetch thread (a pending batch is dropped)."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+        self._pool, self._pending = None, None
+
+    def _segment(self, batch: pa.Table) -> SegmentedRows:
+        return self.encoder.segment_rows(batch.column("kind").to_pylist(), batch.column("messages").to_pylist(),
+                                         batch.column("text").to_pylist())
+
+    def __getstate__(self) -> dict[str, Any]:  # datasets pickles the function for its workers
+        return {**self.__dict__, "table": None, "_pool": None, "_pending": None}
+
+
+def _examples_table(batch: pa.Table, rows: list[RowExamples], special: SpecialIds, train_on_system: bool
+                    ) -> pa.Table:
+    """One output row per example of `rows` (the encoded mix rows of `batch`), kept and dropped, with its
+    `example_stats` (computed from the Arrow arrays written) in `stat_*` columns."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    owner: list[int] = []  # the mix row of each output row
+    meta: dict[str, list] = {"part": [], "parts": [], "assistant_turns": [], "cut_tokens": [], "dropped": []}
+    input_ids: list[list[int]] = []
+    labels: list[list[int]] = []
+    for i, row in enumerate(rows):
+        for dropped, examples in ((False, row.examples), (True, row.dropped_examples)):
+            for k, e in enumerate(examples):
+                owner.append(i)
+                meta["part"].append(e.meta["part"] if not dropped else -1 - k)
+                meta["parts"].append(len(row.examples))
+                meta["assistant_turns"].append(e.meta["assistant_turns"])
+                meta["cut_tokens"].append(e.meta["cut_tokens"])
+                meta["dropped"].append(dropped)
+                input_ids.append(e.input_ids)
+                labels.append(e.labels)
+    take = pa.array(owner, pa.int64())
+    row_id = batch.column("id").take(take)
+    parts = pa.array(meta["part"], pa.int32())
+    ids_array, labels_array = _int32_lists(input_ids), _int32_lists(labels)
+    stats = example_stats(ids_array, labels_array, special, train_on_system)
+    return pa.table({
+        "id": pc.binary_join_element_wise(row_id, parts.cast(pa.string()), "#"),
+        "row_id": row_id,
+        "source": batch.column("source").take(take),
+        "kind": batch.column("kind").take(take),
+        "part": parts,
+        "parts": pa.array(meta["parts"], pa.int32()),
+        "input_ids": ids_array,
+        "labels": labels_array,
+        "assistant_turns": pa.array(meta["assistant_turns"], pa.int32()),
+        "cut_tokens": pa.array(meta["cut_tokens"], pa.int32()),
+        "dropped": pa.array(meta["dropped"], pa.bool_()),
+    } | {STAT_PREFIX + c: pa.array(stats[c]) for c in EXAMPLE_STAT_COLUMNS})
+
+
+def _int32_lists(lists: list[list[int]]) -> pa.Array:
+    """`list<int32>` Arrow array of Python int lists (one flat copy through numpy)."""
+    import itertools
+
+    import pyarrow as pa
+
+    lengths = np.fromiter(map(len, lists), np.int64, len(lists))
+    offsets = np.zeros(len(lists) + 1, np.int32)
+    np.cumsum(lengths, out=offsets[1:])
+    values = np.fromiter(itertools.chain.from_iterable(lists), np.int32, int(offsets[-1]))
+    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(values))
+
+
+def _encode_split(path: Path, encoder: ChatEncoder, max_length: int, num_proc: int, work: Path, split: str
+                  ) -> tuple[Dataset, list[str]]:
+    """Encode one split of the mix; returns (kept examples, dropped examples as JSON lines)."""
+    import pyarrow.parquet as pq
+    from datasets import Dataset
+
+    table = pq.read_table(path, columns=["id", "source", "kind", "messages", "text"])
+    work.mkdir(parents=True, exist_ok=True)
+    function = EncodeBatches(encoder, max_length, str(path), prefetch=table if num_proc <= 1 else None)
+    try:
+        # a given fingerprint: hashing the in-memory table would pickle it through dill, whose code inspection
+        # prints a disassembly that Prefect's print capture turns into task log lines
+        encoded = Dataset(table, fingerprint=f"orca8k-mix-{split}").with_format("arrow").map(
+            function, batched=True, batch_size=MAP_BATCH_ROWS, with_indices=True,
+            num_proc=num_proc if num_proc > 1 else None, remove_columns=table.column_names, features=_features(),
+            cache_file_name=str(work / f"{split}-encoded.arrow"), desc=f"tokenize {split}",
+            # a fixed fingerprint: datasets would otherwise pickle the encoder (tokenizer included) to hash it; the
+            # work folder is fresh on every run, so no stale cache can be picked up
+            new_fingerprint=f"orca8k-tokenize-{split}", load_from_cache_file=False,
+        )
+    finally:
+        function.close()
+    encoded = encoded.with_format(None)
+    flags = encoded.data.column("dropped").to_numpy(zero_copy_only=False)
+    dropped_rows = encoded.select(np.flatnonzero(flags)).to_list() if flags.any() else []
+    lines = [json.dumps({"split": split, "id": r["id"], "row_id": r["row_id"], "source": r["source"],
+                         "reason": "no supervised token", "input_ids": r["input_ids"]}) + "\n" for r in dropped_rows]
+    kept = encoded.select(np.flatnonzero(~flags)) if flags.any() else encoded
+    return kept.remove_columns("dropped"), lines
+
+
+# --------------------------------------------------------------------------------------------------- packing
+def _pack(examples: Dataset, max_length: int, work: Path, special: SpecialIds) -> tuple[Dataset, dict[str, Any]]:
+    """Pack examples shard by shard into an Arrow stream file under `work`; returns the memory-mapped dataset and its
+    counts (`{"rows", "packed": packed_row_stats per row + num_examples}`), taken from each shard as it is packed."""
+    import pyarrow as pa
+    from datasets import Dataset
+
+    path = work / "train-packed.arrow"
+    writer = None
+    parts = []
+    source = examples.select_columns(["input_ids", "labels", "source"]).with_format("arrow")  # sources: curves
+    for shard in source.iter(batch_size=PACK_SHARD_EXAMPLES):
+        packed = pack_table(shard, max_length)
+        parts.append(packed_row_stats(packed.column("input_ids"), packed.column("labels"),
+                                      packed.column("position_ids"), special)
+                     | {"num_examples": packed.column("num_examples").to_numpy()})
+        if writer is None:
+            writer = pa.ipc.new_stream(str(path), packed.schema)
+        writer.write_table(packed)
+    if writer is None:
+        raise DataError("tokenize: no train example left to pack")
+    writer.close()
+    dataset = Dataset.from_file(str(path))
+    return dataset, {"rows": len(dataset), "packed": {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}}
+
+
+# --------------------------------------------------------------------------------------------------- statistics
+def _example_frame(examples: Dataset) -> pd.DataFrame:
+    """One row per example: the meta columns and the `stat_*` columns (`orca8k.data.token_stats.example_stats`,
+    computed per batch as the examples were written), named without the prefix."""
+    table = examples.select_columns(list(META_COLUMNS + STAT_COLUMNS)).with_format("arrow")[:]
+    frame = table.to_pandas()
+    return frame.rename(columns={s: s.removeprefix(STAT_PREFIX) for s in STAT_COLUMNS})
+
+
+def _rates(df: pd.DataFrame, mix_rows: int, dropped: int) -> dict[str, Any]:
+    tokens, supervised = int(df["num_tokens"].sum()), int(df["supervised_tokens"].sum())
+    split_rows = int(df.loc[df["parts"] > 1, "row_id"].nunique())
+    cut = int((df["cut_tokens"] > 0).sum())
+    return {
+        "mix_rows": mix_rows,
+        "examples": len(df),
+        "tokens": tokens,
+        "supervised_tokens": supervised,
+        "supervised_share": round(supervised / tokens, 6) if tokens else 0.0,
+        "split_rows": split_rows,
+        "split_rate": round(split_rows / mix_rows, 6) if mix_rows else 0.0,
+        "extra_examples": int(len(df) - df["row_id"].nunique()),
+        "cut_examples": cut,
+        "cut_tokens": int(df["cut_tokens"].sum()),
+        "cut_rate": round(cut / len(df), 6) if len(df) else 0.0,
+        "dropped_examples": dropped,
+        "drop_rate": round(dropped / (len(df) + dropped), 6) if len(df) + dropped else 0.0,
+        "max_tokens": int(df["num_tokens"].max()) if len(df) else 0,
+    }
+
+
+def _metrics(cfg: Config, stats: dict[str, pd.DataFrame], counts: dict[str, dict[str, Any]], dropped_lines: list[str],
+             vocab: dict[str, int]) -> dict[str, Any]:
+    t = cfg.tokenize
+    dropped = [json.loads(line) for line in dropped_lines]
+    out: dict[str, Any] = {"max_length": t.max_length, "packing": t.packing, "tokenizer": vocab}
+    for split in SPLITS:
+        df, mix_rows = stats[split], counts[split]["mix_rows"]
+        drops = [d for d in dropped if d["split"] == split]
+        entry = _rates(df, sum(mix_rows.values()), len(drops))
+        entry["rows"] = counts[split]["rows"]
+        if "packed" in counts[split]:
+            p = counts[split]["packed"]
+            entry["fill"] = round(int(p["num_tokens"].sum()) / (len(p["num_tokens"]) * t.max_length), 6)
+        entry["sources"] = {
+            source: _rates(df[df["source"] == source], mix_rows.get(source, 0),
+                           sum(1 for d in drops if d["source"] == source))
+            for source in sorted(set(mix_rows) | set(df["source"]))
+        }
+        out[split] = entry
+    return out
+
+
+def _validate(cfg: Config, layout: Layout, stats: dict[str, pd.DataFrame], counts: dict[str, dict[str, Any]],
+              metrics: dict[str, Any]) -> dict[str, Any]:
+    """The token-level suite through the shared GX harness (`orca8k.validation.token_suite`); raises on failure."""
+    from orca8k.validation.token_suite import validate_tokens
+
+    return validate_tokens(cfg, layout, stats, counts["train"].get("packed"), metrics)

@@ -1,0 +1,1 @@
+"""Fine-tuning machinery used by the `train` stage: arguments, schedule, trainer, callbacks, checkpoints, launch."""

@@ -1,1 +1,0 @@
-"""Fine-tuning machinery used by the `train` stage: arguments, schedule, trainer, callbacks, checkpoints, launch."""

@@ -18,8 +18,9 @@ What it does, in one process (ratios are measured within one run, so machine loa
 5. beside the 512 runs, the same loop on full random batches (2 × 512 random tokens, no padding): the ceiling the
    issue quotes (≈ 50 % of peak by 6·N on 2 quiet cores);
 6. beside them too, `packing` with the model under `torch.compile` (inductor), as `train.torch_compile: true` runs
-   it through the Trainer; compiling (≈ 35 s) happens in its warm-up steps, outside the timing. Packed rows all have
-   one shape, so one graph serves every step; padded batches change shape, so they are not compiled here.
+   it through the Trainer; compiling (20–35 s) happens in its warm-up steps, outside the timing: they run until two
+   row lengths were seen, since dynamo compiles once more, with a dynamic length, at the second length. Packed rows
+   are all near max_length, so that one dynamic graph serves every step; padded batches are not compiled here.
 
 FLOPs per token = 6·N + 12·n_layers·d_model·s (Kaplan et al. 2020; PaLM's attention term, Chowdhery et al. 2022,
 appendix B), N = parameters without the input embedding, s = the row's length (packed rows: max_length; padded
@@ -133,9 +134,12 @@ class Runner:
         self.opt.zero_grad(set_to_none=True)
 
     def warm_up(self) -> None:
-        for i in range(2 if self.compiled else 1):  # compiled: the second step may compile again (optimizer state)
-            self._train(self.batches[i % len(self.batches)])
-        self.i = 2 if self.compiled else 1
+        """One step; compiled, steps until two row lengths were seen (dynamo's second compile: a dynamic length)."""
+        lengths = set()
+        while self.i < len(self.batches) and (not lengths or (self.compiled and len(lengths) < 2)):
+            lengths.add(self.batches[self.i]["input_ids"].shape[1])
+            self._train(self.batches[self.i])
+            self.i += 1
 
     def step(self) -> None:
         from orca8k.training.trainer import real_token_count

@@ -191,20 +191,28 @@ def test_missing_inputs_name_the_upstream_stage(tmp_path, train_inputs, tracking
         run_stage("train", cfg)
 
 
-def test_packed_rows_train_and_count_only_real_tokens(tmp_path, train_inputs, tracking_store, capsys):
+def _packed_inputs(tmp_path, train_inputs):
+    """A tokenized folder under `tmp_path` whose train split is the fixture's examples packed into rows of 128
+    (val and tokenizer copied as they are); returns (folder, examples, packed rows)."""
     from datasets import Dataset, load_from_disk
 
-    from orca8k.data.collate import CausalLMCollator
     from orca8k.data.packing import pack_examples
-    from orca8k.training.trainer import real_token_count
 
     examples = load_from_disk(str(train_inputs / "tokenized" / "train")).to_list()
     packed = pack_examples(examples, 128)
-    assert len(packed) < len(examples)
     tokenized = tmp_path / "tokenized"
     shutil.copytree(train_inputs / "tokenized" / "val", tokenized / "val")
     shutil.copytree(train_inputs / "tokenized" / "tokenizer", tokenized / "tokenizer")
     Dataset.from_list(packed).save_to_disk(str(tokenized / "train"))
+    return tokenized, examples, packed
+
+
+def test_packed_rows_train_and_count_only_real_tokens(tmp_path, train_inputs, tracking_store, capsys):
+    from orca8k.data.collate import CausalLMCollator
+    from orca8k.training.trainer import real_token_count
+
+    tokenized, examples, packed = _packed_inputs(tmp_path, train_inputs)
+    assert len(packed) < len(examples)
     real = sum(len(e["input_ids"]) for e in examples)
 
     # the count itself, on collated batches of both kinds (pad = eos = 2 also appears as a real token)
@@ -228,16 +236,8 @@ def test_packed_rows_train_and_count_only_real_tokens(tmp_path, train_inputs, tr
 
 
 def test_torch_compile_trains_the_same_model_and_saves_plain_weights(tmp_path, train_inputs, tracking_store):
-    from datasets import Dataset, load_from_disk
-
-    from orca8k.data.packing import pack_examples
-
-    # packed rows: every batch has the same shape, so the compiled graph is reused step after step
-    examples = load_from_disk(str(train_inputs / "tokenized" / "train")).to_list()
-    tokenized = tmp_path / "tokenized"
-    shutil.copytree(train_inputs / "tokenized" / "val", tokenized / "val")
-    shutil.copytree(train_inputs / "tokenized" / "tokenizer", tokenized / "tokenizer")
-    Dataset.from_list(pack_examples(examples, 128)).save_to_disk(str(tokenized / "train"))
+    # packed rows: all near 128 tokens, so few shapes (dynamo turns the length dynamic at the second one)
+    tokenized, _, _ = _packed_inputs(tmp_path, train_inputs)
     sets = {"paths.tokenized": str(tokenized), "train.gradient_accumulation_steps": 1, "train.max_steps": 3,
             "train.eval_steps": 3, "train.save_steps": 3, "tracking.experiment_name": "compile"}
     torch._dynamo.reset()

@@ -39,8 +39,8 @@ class StrictModel(BaseModel):
     @classmethod
     def _no_boolean_for_a_number(cls, value: Any, info: Any) -> Any:
         if isinstance(value, bool) and info.field_name in cls.model_fields:
-            types = _leaf_types(cls.model_fields[info.field_name].annotation)
-            if bool not in types and types & {int, float}:
+            kinds = _leaf_types(cls.model_fields[info.field_name].annotation)
+            if bool not in kinds and kinds & {int, float}:
                 raise ValueError(f"expected a number, got the boolean {str(value).lower()}")
         return value
 
@@ -476,8 +476,7 @@ def _format_validation_error(err: ValidationError, source: str, overridden: dict
     for e in err.errors():
         loc = ".".join(str(p).rstrip("_") for p in e["loc"])
         msg = "unknown key" if e["type"] == "extra_forbidden" else e["msg"].removeprefix("Value error, ")
-        # a value that came from --set is blamed on the --set, not on the file
-        # the value as typed: `abc`, `null`, `true` (not Python's 'abc', None, True)
+        # a value that came from --set is blamed on the --set, not on the file, quoted as typed (`null`, not None)
         origin = next((f" (from --set {k}={v if isinstance(v, str) else json.dumps(v)})"
                        for k, v in (overridden or {}).items()
                        if loc == k or loc.startswith(k + ".")), "")

@@ -38,8 +38,8 @@ _COMMON_KEYS = (
     "no_repeat_ngram_size", "bos_token_id", "eos_token_id", "pad_token_id",
 )
 _SAMPLING_KEYS = ("temperature", "top_k", "top_p", "typical_p", "min_p", "epsilon_cutoff", "eta_cutoff")
-COMPACT_EVERY = 8  # new tokens per generate call of `generate_batched` (finished rows leave the batch between calls)
 _BEAM_KEYS = ("length_penalty", "early_stopping", "num_beam_groups", "diversity_penalty")
+COMPACT_EVERY = 8  # new tokens per generate call of `generate_batched` (finished rows leave the batch between calls)
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,8 @@ random model never emits `</s>`, so every output runs to max_new_tokens — the 
 The JSON also gives the ceiling of the speed-up if a batched forward cost no more than a one-row forward: forward
 passes one at a time (the sum of the output lengths) over forward passes batched (each batch runs to its longest
 output), the rows those forward passes carry (counted by a hook: compaction lowers them, not the passes), and the
-measured cost of a batched step over a one-row step.
+measured cost of a batched step over a one-row step, and the prompt positions the prefill computes with the batch
+padded to its longest prompt and in the groups of similar length that `generate_batched` prefills apart.
 
 Target (issue 8): ≥ 3× on 2 cores. The machine may be shared: the load average before each measurement is
 printed; ratios are taken within one run. On a loaded machine pass `--threads 1`: at this model size two OpenMP
@@ -125,7 +126,14 @@ def main() -> None:
     from orca8k.config import load_config
     from orca8k.data.chat_format import ChatEncoder
     from orca8k.layout import Layout
-    from orca8k.sampling.generation import batch_groups, build_prompt_ids, generate_batched, resolve_generation_config
+    from orca8k.sampling.generation import (
+        PREFILL_PASS_COST,
+        batch_groups,
+        build_prompt_ids,
+        generate_batched,
+        prefill_groups,
+        resolve_generation_config,
+    )
     from orca8k.sampling.loading import load_local_model
     from orca8k.sampling.report import sample_reports
     from orca8k.sampling.schema import load_configuration, load_prompts
@@ -177,6 +185,9 @@ def main() -> None:
     # forward passes: one at a time, each prompt runs as many as it generates; a batch runs as many as its longest
     # output. Their ratio bounds the speed-up even if a batched step cost no more than a one-row step.
     batched_steps = sum(max(single[i].new_tokens for i in rows) for rows in batch_groups(ids, batch_size))
+    # prompt positions the prefill computes: each batch padded to its longest prompt, or in groups of similar length
+    batches = [[len(ids[i]) for i in rows] for rows in batch_groups(ids, batch_size)]
+    groups = [[[lengths[i] for i in g] for g in prefill_groups(lengths, PREFILL_PASS_COST)] for lengths in batches]
     greedy_fig = {
         "batched_seconds": round(t_batched, 3), "unbatched_seconds": round(t_single, 3),
         "speedup": round(t_single / t_batched, 2), "same_outputs": all(same), "same_outputs_fraction": sum(same) / len(same),
@@ -187,6 +198,9 @@ def main() -> None:
         "forward_passes_batched": batched_steps, "speedup_ceiling_equal_step_cost": round(new_tokens / batched_steps, 2),
         "row_forwards_batched": row_forwards(batch_size, compact_every),
         "row_forwards_batched_finished_rows_kept": row_forwards(batch_size, None),
+        "prompt_tokens": sum(map(len, ids)), "prefill_positions_one_pass": sum(len(b) * max(b) for b in batches),
+        "prefill_positions_grouped": sum(len(g) * max(g) for b in groups for g in b),
+        "prefill_groups": [[len(g) for g in b] for b in groups],
         "step_cost_batched_over_unbatched": round((t_batched / batched_steps) / (t_single / new_tokens), 2),
         "proper_end_rate": sum(g.ended for g in single) / len(single),
         "load_avg_batched": load_b, "load_avg_batched_finished_rows_kept": load_k, "load_avg_unbatched": load_s,

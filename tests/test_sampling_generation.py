@@ -14,6 +14,7 @@ from orca8k.sampling.generation import (
     effective_params,
     generate_batched,
     model_facts,
+    prefill_groups,
     resolve_generation_config,
 )
 from orca8k.sampling.loading import load_local_model
@@ -140,10 +141,103 @@ def test_finished_rows_leave_the_batch_and_greedy_outputs_stay_the_same(trained)
     assert sum(rows[3]) == 60 < sum(rows[None]) == 168
 
 
-def test_min_new_tokens_holds_across_compacting_calls(trained):
+def _partition_cost(lengths, groups, pass_cost):
+    return sum(pass_cost + len(g) * max(lengths[i] for i in g) for g in groups)
+
+
+def test_prefill_groups_split_off_long_prompts_at_least_cost():
+    demo = [38, 38, 34, 52, 39, 40, 51, 36, 136]  # the demo prompts' lengths
+    groups = prefill_groups(demo, 64)
+    assert groups == [[8], [3, 6], [5, 4, 0, 1, 7, 2]]
+    assert _partition_cost(demo, groups, 64) == 64 + 136 + 64 + 2 * 52 + 64 + 6 * 40 == 672 < 64 + 9 * 136
+    assert prefill_groups([30, 30, 30], 64) == [[0, 1, 2]]  # nothing to save: one pass
+    assert prefill_groups([40, 32, 36], 64) == [[0, 2, 1]]  # splitting would save 4-8 positions, less than a pass
+    assert prefill_groups([5, 9, 5, 9], 0) == [[1, 3], [0, 2]]  # free passes: one group per length
+    assert prefill_groups([7], 64) == [[0]] and prefill_groups([], 64) == []
+    # least cost over every contiguous partition of the rows sorted longest first (brute force, 2^(n-1) of them)
+    import itertools
+    import random
+
+    rng = random.Random(0)
+    for _ in range(200):
+        lengths = [rng.randint(1, 200) for _ in range(rng.randint(1, 8))]
+        order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+        best = min(
+            _partition_cost(lengths, [order[a:b] for a, b in itertools.pairwise((0, *cuts, len(order)))], 64)
+            for k in range(len(order))
+            for cuts in itertools.combinations(range(1, len(order)), k)
+        )
+        groups = prefill_groups(lengths, 64)
+        assert sorted(i for g in groups for i in g) == list(range(len(lengths)))
+        assert _partition_cost(lengths, groups, 64) == best
+
+
+def test_prompts_of_different_lengths_prefill_apart_and_decode_together(trained, monkeypatch):
+    import orca8k.sampling.generation as generation
+
+    model, tok = trained
+    enc = ChatEncoder(tok)
+    prompts = [build_prompt_ids(enc, q, pre_text=FIXTURE_SYSTEM) for q, _ in QA]
+    config = resolve_generation_config(model, {"do_sample": False, "max_new_tokens": 24}, eos_token_id=enc.eos_id,
+                                       pad_token_id=tok.pad_token_id)
+    reference = [g.token_ids for g in generate_batched(model, tok, prompts, config, batch_size=1, compact_every=None)]
+    lengths = [len(p) for p in prompts]
+    assert prefill_groups(lengths, generation.PREFILL_PASS_COST) == [sorted(range(8), key=lambda i: -lengths[i])]
+    monkeypatch.setattr(generation, "PREFILL_PASS_COST", 0)  # every prompt length its own prefill pass
+    groups = prefill_groups(lengths, 0)
+    assert len(groups) == len(set(lengths)) > 3
+    forwards: list[tuple[int, int]] = []  # input_ids shape [rows, new positions] of each forward pass
+    hook = model.register_forward_pre_hook(lambda _m, _a, kw: forwards.append(tuple(kw["input_ids"].shape)),
+                                           with_kwargs=True)
+    try:
+        out = generate_batched(model, tok, prompts, config, batch_size=len(prompts), compact_every=3)
+    finally:
+        hook.remove()
+    assert [g.token_ids for g in out] == reference
+    # each group's prefill at its own width, then one batch continues from the joined caches: the first new token
+    # came from the prefills, so the batch's first call makes tokens 2-4, and the rows of 2-3 tokens leave after it
+    assert forwards[: len(groups)] == [(len(g), lengths[g[0]]) for g in groups]
+    output_lengths = [len(ids) for ids in reference]
+    assert forwards[len(groups):] == [(8 - sum(n <= 1 for n in output_lengths), 1)] * 3 + [
+        (sum(n > 4 for n in output_lengths), 1)] * 3 + [(sum(n > 7 for n in output_lengths), 1)] * 3 + [(1, 1)] * 11
+    assert sum(r for r, _ in forwards[: len(groups)]) == 8
+
+
+def test_join_prefilled_pads_caches_on_the_left():
+    import torch
+    from transformers.cache_utils import DynamicCache, DynamicLayer, DynamicSlidingWindowLayer
+
+    from orca8k.sampling.generation import _join_prefilled
+
+    k1, v1 = torch.ones(2, 3, 4, 5), torch.full((2, 3, 4, 5), 2.0)  # a group of 2 rows, 4 positions
+    k2, v2 = torch.full((1, 3, 6, 5), 3.0), torch.full((1, 3, 6, 5), 4.0)  # 1 row, 6 positions
+    seq1, seq2 = torch.tensor([[7, 8, 9, 10, 11], [2, 8, 9, 10, 12]]), torch.tensor([[5, 6, 7, 8, 9, 10, 13]])
+    parts = [(torch.tensor([0, 2]), seq1, DynamicCache(ddp_cache_data=[(k1, v1)] * 2)),
+             (torch.tensor([1]), seq2, DynamicCache(ddp_cache_data=[(k2, v2)] * 2))]
+    rows, sequences, cache = _join_prefilled(parts, 6, pad=2)
+    assert rows.tolist() == [0, 2, 1]
+    assert sequences.tolist() == [[2, 2, 7, 8, 9, 10, 11], [2, 2, 2, 8, 9, 10, 12], [5, 6, 7, 8, 9, 10, 13]]
+    assert cache.get_seq_length() == 6 and len(cache.layers) == 2
+    assert all(type(layer) is DynamicLayer for layer in cache.layers)
+    keys, values = cache.layers[1].keys, cache.layers[1].values
+    assert keys.shape == values.shape == (3, 3, 6, 5)
+    assert keys[:2, :, :2].eq(0).all() and keys[:2, :, 2:].eq(1).all() and keys[2].eq(3).all()
+    assert values[:2, :, :2].eq(0).all() and values[:2, :, 2:].eq(2).all() and values[2].eq(4).all()
+    # a sliding-window layer cannot be left-padded: no join (the caller prefills the batch together instead)
+    sliding = DynamicCache(ddp_cache_data=[(k2, v2, torch.tensor(4))])
+    assert isinstance(sliding.layers[0], DynamicSlidingWindowLayer)
+    assert _join_prefilled([parts[0], (torch.tensor([1]), seq2, sliding)], 6, pad=2) is None
+
+
+@pytest.mark.parametrize("pass_cost", [64, 0])  # 0: the four prompt lengths prefill apart
+def test_min_new_tokens_holds_across_compacting_calls(trained, monkeypatch, pass_cost):
+    import orca8k.sampling.generation as generation
+
+    monkeypatch.setattr(generation, "PREFILL_PASS_COST", pass_cost)
     model, tok = trained
     enc = ChatEncoder(tok)
     prompts = [build_prompt_ids(enc, q, pre_text=FIXTURE_SYSTEM) for q, _ in QA[:4]]
+    assert len(prefill_groups([len(p) for p in prompts], pass_cost)) == (1 if pass_cost else 4)
     config = resolve_generation_config(model, {"max_new_tokens": 9, "min_new_tokens": 7}, eos_token_id=enc.eos_id,
                                        pad_token_id=tok.pad_token_id)
     whole = generate_batched(model, tok, prompts, config, batch_size=4, compact_every=None)

@@ -11,6 +11,11 @@ for its steps. `generate_batched` therefore runs `generate` `compact_every` new 
 drops the finished rows from the batch and from its KV cache (`Cache.batch_select_indices`); the rest continue from
 the cache, with `min_new_tokens` reduced by the tokens already made. A row's computation is the same either way, so
 greedy outputs do not change; sampled draws do (fewer rows draw from the generator), as they do with the batch size.
+
+A batch pads every prompt to its longest, which makes one long prompt costly for the whole prefill (on the demo
+prompts, one of 136 tokens among eight of 34-52 tripled the prefill's positions). So the rows are first split into
+groups of similar prompt length (`prefill_groups`); each group runs its prefill apart, and the groups' KV caches are
+left-padded to the batch width and joined before decoding goes on as one batch.
 """
 
 from __future__ import annotations
@@ -40,6 +45,10 @@ _COMMON_KEYS = (
 _SAMPLING_KEYS = ("temperature", "top_k", "top_p", "typical_p", "min_p", "epsilon_cutoff", "eta_cutoff")
 _BEAM_KEYS = ("length_penalty", "early_stopping", "num_beam_groups", "diversity_penalty")
 COMPACT_EVERY = 8  # new tokens per generate call of `generate_batched` (finished rows leave the batch between calls)
+# The fixed cost of one more prefill pass, in prompt positions (`prefill_groups`). Measured on the demo model on 2 CPU
+# cores: a one-token forward pass costs about as much as 40 prompt positions of a longer one; larger models on a GPU
+# cost more per pass in absolute terms but far less per position, so this errs toward fewer passes there.
+PREFILL_PASS_COST = 64
 
 
 @dataclass(frozen=True)
@@ -245,7 +254,7 @@ def generate_batched(
                 input_ids[r, width - len(ids) :] = ids
                 attention_mask[r, width - len(ids) :] = 1
             new = _generate_compacting(model, input_ids.to(device), attention_mask.to(device), generation_config,
-                                       eos, compact_every)
+                                       eos, pad, compact_every)
             for r, i in enumerate(rows):
                 kept, ended = cut_at_eos(new[r], eos)
                 text = tokenizer.decode(kept, skip_special_tokens=skip_special_tokens)
@@ -254,10 +263,44 @@ def generate_batched(
     return [results[i] for i in range(len(prompt_ids))]
 
 
+def prefill_groups(lengths: Sequence[int], pass_cost: int = PREFILL_PASS_COST) -> list[list[int]]:
+    """Split a batch's rows into groups that run their prefill apart, so short prompts are not padded to the width
+    of a long one.
+
+    A group of n rows whose longest prompt has w tokens costs n·w positions, plus `pass_cost` for its forward pass;
+    the partition of the rows (sorted longest first) into contiguous groups of least total cost is found by dynamic
+    programming over the rows (O(rows²)).
+
+    Args:
+        lengths: prompt lengths in tokens, one per row of the batch.
+        pass_cost: the fixed cost of one more forward pass, in prompt positions.
+
+    Returns:
+        Row indices per group, longest prompts first (ties: row order); one group when splitting saves nothing.
+    """
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    best = [0.0] + [float("inf")] * len(order)  # best[k]: least cost of the first k rows of `order`
+    start = [0] * (len(order) + 1)  # start[k]: where the last group of that best partition begins
+    for k in range(1, len(order) + 1):
+        for j in range(k):  # rows j..k-1 as one group, padded to the width of row j (the longest)
+            cost = best[j] + pass_cost + (k - j) * lengths[order[j]]
+            if cost < best[k]:
+                best[k], start[k] = cost, j
+    groups, k = [], len(order)
+    while k > 0:
+        groups.append(order[start[k] : k])
+        k = start[k]
+    return groups[::-1]
+
+
 def _generate_compacting(model: PreTrainedModel, input_ids: Any, attention_mask: Any, generation_config: GenerationConfig,
-                         eos: int, compact_every: int | None) -> list[list[int]]:
+                         eos: int, pad: int, compact_every: int | None) -> list[list[int]]:
     """The new token ids of each row of one left-padded batch (`input_ids`, `attention_mask`: [batch, seq_len]),
-    generated `compact_every` tokens per `generate` call, finished rows dropped between calls (module docstring)."""
+    generated `compact_every` tokens per `generate` call, finished rows dropped between calls (module docstring).
+
+    When the prompt lengths differ enough (`prefill_groups`), each group of similar length first runs its prefill and
+    first new token apart, at its own width; the groups' KV caches are then left-padded to the batch width and joined
+    (`_join_prefilled`), and decoding goes on as one batch, exactly as if the batch had been prefilled together."""
     import torch
 
     total = generation_config.max_new_tokens
@@ -267,29 +310,85 @@ def _generate_compacting(model: PreTrainedModel, input_ids: Any, attention_mask:
         return out[:, input_ids.shape[1]:].tolist()  # [batch, new_tokens]
     width = input_ids.shape[1]
     min_new = generation_config.min_new_tokens or 0
-    new_ids: list[list[int]] = [[] for _ in range(input_ids.shape[0])]
-    rows = torch.arange(input_ids.shape[0])  # the batch's rows still generating, by their index in `input_ids`
-    sequences, mask, cache, done = input_ids, attention_mask, None, 0
-    while True:
+
+    def call(sequences: Any, mask: Any, cache: Any, done: int, tokens: int) -> tuple[Any, Any, int]:
+        """(sequences after the call, its KV cache, new tokens asked) for up to `tokens` more tokens."""
         step = copy.deepcopy(generation_config)
-        step.max_new_tokens = min(compact_every, total - done)
+        step.max_new_tokens = min(tokens, total - done)
         step.min_new_tokens = min(step.max_new_tokens, max(0, min_new - done)) or None
         step.return_dict_in_generate = True
         out = model.generate(input_ids=sequences, attention_mask=mask, generation_config=step, cache=cache)
-        made = out.sequences.shape[1] - sequences.shape[1]  # fewer than asked when every row ended
+        return out.sequences, out.cache, step.max_new_tokens
+
+    new_ids: list[list[int]] = [[] for _ in range(input_ids.shape[0])]
+    rows = torch.arange(input_ids.shape[0])  # the batch's rows still generating, by their index in `input_ids`
+    sequences, mask, cache, done = input_ids, attention_mask, None, 0
+    groups = prefill_groups(attention_mask.sum(dim=1).tolist(), PREFILL_PASS_COST) if total > 1 else []
+    first = None
+    if len(groups) > 1:
+        parts = []
+        for group in groups:  # each group's prefill and first new token, at the group's own width
+            index = torch.tensor(group, device=input_ids.device)
+            w = int(attention_mask[index].sum(dim=1).max())
+            parts.append((index, *call(input_ids[index, -w:], attention_mask[index, -w:], None, 0, 1)[:2]))
+        first = _join_prefilled(parts, width, pad)
+        if first is not None:
+            rows = first[0].cpu()
+            sequences, mask = input_ids[first[0]], attention_mask[first[0]]
+    while True:
+        if first is not None:  # the joined prefill stands for the first call
+            produced, cache, asked = first[1], first[2], 1
+            first = None
+        else:
+            produced, cache, asked = call(sequences, mask, cache, done, compact_every)
+        made = produced.shape[1] - sequences.shape[1]  # fewer than asked when every row ended
         done += made
         # a row is done when it made `</s>` or reached `max_new_tokens`; generate stops early only when all are done
-        finished = (out.sequences[:, sequences.shape[1]:] == eos).any(dim=1).cpu()
-        if done >= total or made < step.max_new_tokens:
+        finished = (produced[:, width:] == eos).any(dim=1).cpu()
+        if done >= total or made < asked:
             finished[:] = True
         for r in torch.nonzero(finished).flatten().tolist():
-            new_ids[int(rows[r])] = out.sequences[r, width:].tolist()
+            new_ids[int(rows[r])] = produced[r, width:].tolist()
         keep = torch.nonzero(~finished).flatten()
         if keep.numel() == 0:
             return new_ids
-        cache, keep_here = out.cache, keep.to(out.sequences.device)
+        keep_here = keep.to(produced.device)
         if keep.numel() < finished.numel():
             cache.batch_select_indices(keep_here)
-        sequences = out.sequences[keep_here]
+        sequences = produced[keep_here]
         mask = torch.cat([mask[keep_here], mask.new_ones((keep.numel(), made))], dim=1)
         rows = rows[keep]
+
+
+def _join_prefilled(parts: list[tuple[Any, Any, Any]], width: int, pad: int) -> tuple[Any, Any, Any] | None:
+    """Join the outputs of prefills run apart into one batch, as if it had been prefilled together.
+
+    Args:
+        parts: per group, (row indices [n_g], sequences [n_g, w_g + 1] (prompt at its own width + 1 new token),
+            its `DynamicCache` holding w_g positions).
+        width: the batch width; every part is left-padded to it (pad ids in the sequences, zeros in the cache; the
+            attention mask hides both).
+        pad: the pad id.
+
+    Returns:
+        (row indices [n], sequences [n, width + 1], DynamicCache of width positions), or None when a cache is not a
+        plain `DynamicCache` of full-attention layers (sliding windows, quantised layers): those cannot be padded.
+    """
+    import torch
+    import torch.nn.functional as F
+    from transformers.cache_utils import DynamicCache, DynamicLayer
+
+    caches = [cache for _, _, cache in parts]
+    if not all(type(c) is DynamicCache and all(type(layer) is DynamicLayer for layer in c.layers) for c in caches):
+        return None
+    if any(c.get_seq_length() != seq.shape[1] - 1 for _, seq, c in parts):
+        return None
+    rows = torch.cat([index for index, _, _ in parts])
+    sequences = torch.cat([F.pad(seq, (width + 1 - seq.shape[1], 0), value=pad) for _, seq, _ in parts])
+    layers = []
+    for per_part in zip(*(list(c) for c in caches), strict=True):  # one layer: ((keys, values, _) of each part)
+        # keys/values: [n_g, heads, w_g, head_dim] → left-padded to [n_g, heads, width, head_dim], then joined
+        keys = torch.cat([F.pad(k, (0, 0, width - k.shape[2], 0)) for k, _, _ in per_part])
+        values = torch.cat([F.pad(v, (0, 0, width - v.shape[2], 0)) for _, v, _ in per_part])
+        layers.append((keys, values))
+    return rows, sequences, DynamicCache(ddp_cache_data=layers)

@@ -20,7 +20,8 @@ The JSON also gives the ceiling of the speed-up if a batched forward cost no mor
 passes one at a time (the sum of the output lengths) over forward passes batched (each batch runs to its longest
 output), the rows those forward passes carry (counted by a hook: compaction lowers them, not the passes), and the
 measured cost of a batched step over a one-row step, and the prompt positions the prefill computes with the batch
-padded to its longest prompt and in the groups of similar length that `generate_batched` prefills apart.
+padded to its longest prompt and in the groups of similar length that `generate_batched` prefills apart
+(`prefill_groups`: per batch, the number of prompts in each group, longest prompts first).
 
 Target (issue 8): ≥ 3× on 2 cores. The machine may be shared: the load average before each measurement is
 printed; ratios are taken within one run. On a loaded machine pass `--threads 1`: at this model size two OpenMP

@@ -247,6 +247,41 @@ def test_min_new_tokens_holds_across_compacting_calls(trained, monkeypatch, pass
     assert config.min_new_tokens == 7  # the caller's config is not changed by the per-call copies
 
 
+def test_a_minimum_from_the_models_own_generation_config_holds_once(trained, monkeypatch):
+    # a registered model carries the report's decoding defaults in generation_config.json (min_new_tokens 4 here):
+    # once the minimum is met, later compacting calls must not fall back to it and block `</s>` again
+    model, tok = trained
+    monkeypatch.setattr(model.generation_config, "min_new_tokens", 4)
+    enc = ChatEncoder(tok)
+    prompts = [build_prompt_ids(enc, q, pre_text=FIXTURE_SYSTEM) for q, _ in QA]
+    config = resolve_generation_config(model, {"do_sample": False, "max_new_tokens": 24}, eos_token_id=enc.eos_id,
+                                       pad_token_id=tok.pad_token_id)
+    assert config.min_new_tokens == 4
+    whole = [g.token_ids for g in generate_batched(model, tok, prompts, config, batch_size=1, compact_every=None)]
+    for every in (1, 3):
+        assert [g.token_ids for g in generate_batched(model, tok, prompts, config, batch_size=8,
+                                                      compact_every=every)] == whole
+    # the minimum acted once: the answers of 7+ tokens are the trained ones; the 2-3-token ones ran past 4 tokens
+    # (before the fix, compacting every 3 tokens blocked `</s>` again in each call: every row ran to 24)
+    lengths = [len(ids) for ids in whole]
+    assert [lengths[i] for i in (2, 3, 5, 7)] == [8, 7, 7, 21]
+    assert all(4 < lengths[i] < 24 for i in (0, 1, 4, 6))
+    assert all(ids[-1] == enc.eos_id and enc.eos_id not in ids[:4] for ids in whole)
+
+
+def test_no_dynamic_cache_means_one_call_per_batch(trained):
+    model, tok = trained
+    enc = ChatEncoder(tok)
+    prompts = [build_prompt_ids(enc, q, pre_text=FIXTURE_SYSTEM) for q, _ in QA[:4]]
+    args = {"do_sample": False, "max_new_tokens": 12}
+    config = resolve_generation_config(model, args, eos_token_id=enc.eos_id, pad_token_id=tok.pad_token_id)
+    reference = [g.token_ids for g in generate_batched(model, tok, prompts, config, batch_size=1)]
+    for extra in ({"use_cache": False}, {"cache_implementation": "static"}):
+        other = resolve_generation_config(model, {**args, **extra}, eos_token_id=enc.eos_id,
+                                          pad_token_id=tok.pad_token_id)
+        assert [g.token_ids for g in generate_batched(model, tok, prompts, other, batch_size=4)] == reference
+
+
 def test_eos_cut_and_special_tokens(trained):
     model, tok = trained
     enc = ChatEncoder(tok)
@@ -288,3 +323,12 @@ def test_bad_arguments_raise(tokenizer):
         generate_batched(model, tokenizer, [[]], config, batch_size=1)
     with pytest.raises(ValueError, match="compact_every must be >= 1 or None, got 0"):
         generate_batched(model, tokenizer, [[1, 5]], config, batch_size=1, compact_every=0)
+    with pytest.raises(ValueError, match="set max_new_tokens"):  # transformers' default is an absolute max_length
+        generate_batched(model, tokenizer, [[1, 5]], config, batch_size=1)
+    absolute = resolve_generation_config(model, {"max_new_tokens": 4, "min_length": 3}, eos_token_id=2, pad_token_id=2)
+    with pytest.raises(ValueError, match="use min_new_tokens, not min_length"):
+        generate_batched(model, tokenizer, [[1, 5]], absolute, batch_size=1)
+    two = resolve_generation_config(model, {"max_new_tokens": 4, "num_beams": 2, "num_return_sequences": 2},
+                                    eos_token_id=2, pad_token_id=2)
+    with pytest.raises(ValueError, match="num_return_sequences must be 1"):
+        generate_batched(model, tokenizer, [[1, 5], [1, 5, 6, 7]], two, batch_size=2)

@@ -47,6 +47,8 @@ def test_merge_follows_oa_a_configuration_wins_key_by_key():
     [
         ({"configurations": [{"name": "a", "generate_args": {"top-p": 0.9}}]}, "unknown generate_args ['top-p']"),
         ({"configurations": [{"name": "a", "temperature": 0.9}]}, "configurations.0.temperature: unknown key"),
+        ({"default": {"generate_args": {"max_length": 60, "min_length": 9}}, "configurations": [{"name": "a"}]},
+         "default.generate_args: Value error, ['max_length', 'min_length']: use max_new_tokens / min_new_tokens"),
         ({"configurations": [{"name": "a"}, {"name": "a"}]}, "duplicate names ['a']"),
         ({"configurations": [{"generate_args": {}}]}, "configurations[0].name: every configuration needs a name"),
         ({"configurations": [{"name": "a/b"}]}, "it is a file name"),

@@ -221,13 +221,15 @@ def generate_batched(
         seed: seeds torch's generator before the first batch (None leaves it as it is).
         compact_every: new tokens per `generate` call; finished rows leave the batch between calls (see the module
             docstring). None: one call per batch, finished rows kept to the end (transformers' behaviour). Ignored
-            (None) for beam search and `num_return_sequences` > 1, whose rows are not independent prompts.
+            (None) for beam search, whose rows are not independent prompts, and without a dynamic KV cache
+            (`use_cache=False`, a `cache_implementation` such as "static").
 
     Returns:
         One `Generation` per prompt, in order.
 
     Raises:
-        ValueError: an empty prompt, `batch_size` < 1 or `compact_every` < 1.
+        ValueError: an empty prompt, `batch_size` < 1, `compact_every` < 1, no `max_new_tokens`, an absolute
+            `min_length` without `min_new_tokens`, or `num_return_sequences` > 1.
     """
     import torch
 
@@ -237,6 +239,15 @@ def generate_batched(
         raise ValueError(f"compact_every must be >= 1 or None, got {compact_every}")
     if any(len(p) == 0 for p in prompt_ids):
         raise ValueError("generate_batched: empty prompt ids")
+    if generation_config.max_new_tokens is None:
+        raise ValueError("generate_batched: set max_new_tokens (an absolute max_length counts the prompt and, in a "
+                         "left-padded batch, its padding)")
+    if generation_config.min_new_tokens is None and (generation_config.min_length or 0) > 0:
+        raise ValueError("generate_batched: use min_new_tokens, not min_length (an absolute length counts the "
+                         "prompt and, in a left-padded batch, its padding)")
+    if (generation_config.num_return_sequences or 1) > 1:
+        raise ValueError("generate_batched returns one output per prompt: num_return_sequences must be 1 (draw "
+                         "several samples with their own seeds, as `sample_reports` does)")
     eos = generation_config.eos_token_id
     eos = eos[0] if isinstance(eos, list) else eos
     pad = generation_config.pad_token_id if generation_config.pad_token_id is not None else eos
@@ -305,7 +316,7 @@ def _generate_compacting(model: PreTrainedModel, input_ids: Any, attention_mask:
 
     total = generation_config.max_new_tokens
     if (compact_every is None or total is None or (generation_config.num_beams or 1) > 1
-            or (generation_config.num_return_sequences or 1) > 1):
+            or generation_config.use_cache is False or generation_config.cache_implementation not in (None, "dynamic")):
         out = model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=generation_config)
         return out[:, input_ids.shape[1]:].tolist()  # [batch, new_tokens]
     width = input_ids.shape[1]
@@ -315,7 +326,9 @@ def _generate_compacting(model: PreTrainedModel, input_ids: Any, attention_mask:
         """(sequences after the call, its KV cache, new tokens asked) for up to `tokens` more tokens."""
         step = copy.deepcopy(generation_config)
         step.max_new_tokens = min(tokens, total - done)
-        step.min_new_tokens = min(step.max_new_tokens, max(0, min_new - done)) or None
+        # 0, not None, once the minimum is met: generate fills None from the model's own generation_config (a
+        # registered model carries the report's `min_new_tokens`), which would block `</s>` again in every call
+        step.min_new_tokens = min(step.max_new_tokens, max(0, min_new - done))
         step.return_dict_in_generate = True
         out = model.generate(input_ids=sequences, attention_mask=mask, generation_config=step, cache=cache)
         return out.sequences, out.cache, step.max_new_tokens

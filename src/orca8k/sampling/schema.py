@@ -28,7 +28,7 @@ from orca8k.errors import DataError
 # (a typo such as `top-p`, or a key for another library) is rejected when the file is loaded.
 GENERATE_ARG_KEYS = frozenset(
     {
-        "max_new_tokens", "min_new_tokens", "max_length", "min_length", "do_sample", "num_beams", "temperature",
+        "max_new_tokens", "min_new_tokens", "do_sample", "num_beams", "temperature",
         "top_k", "top_p", "typical_p", "min_p", "epsilon_cutoff", "eta_cutoff", "repetition_penalty",
         "no_repeat_ngram_size", "length_penalty", "early_stopping", "num_beam_groups", "diversity_penalty",
         "encoder_repetition_penalty", "renormalize_logits", "remove_invalid_values",
@@ -58,6 +58,10 @@ class SamplingConfig(_Strict):
     @field_validator("generate_args")
     @classmethod
     def _known_args(cls, v: dict[str, Any]) -> dict[str, Any]:
+        absolute = sorted({"max_length", "min_length"} & set(v))
+        if absolute:
+            raise ValueError(f"{absolute}: use max_new_tokens / min_new_tokens (absolute lengths count the prompt and, "
+                             "in a left-padded batch, its padding, so batched outputs would differ from one at a time)")
         unknown = sorted(set(v) - GENERATE_ARG_KEYS)
         if unknown:
             raise ValueError(f"unknown generate_args {unknown}; known: {sorted(GENERATE_ARG_KEYS)}")

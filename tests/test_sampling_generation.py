@@ -3,6 +3,8 @@ reproducible sampling."""
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import pytest
 
 from orca8k.data.chat_format import ChatEncoder
@@ -90,6 +92,27 @@ def test_model_facts_record_dtype_and_rope(tokenizer):
     assert facts["rope_parameters"]["rope_type"] == "linear" and facts["rope_parameters"]["factor"] == 2.0
 
 
+def _greedy_qa(model, tok):
+    """The fixture's eight questions as v3 prompts with its system prompt, and a greedy config of 24 new tokens."""
+    enc = ChatEncoder(tok)
+    prompts = [build_prompt_ids(enc, q, pre_text=FIXTURE_SYSTEM) for q, _ in QA]
+    config = resolve_generation_config(model, {"do_sample": False, "max_new_tokens": 24}, eos_token_id=enc.eos_id,
+                                       pad_token_id=tok.pad_token_id)
+    return enc, prompts, config
+
+
+@contextmanager
+def _forward_shapes(model):
+    """Record the `input_ids` shape [rows, new positions] of every forward pass of `model` inside the block."""
+    shapes: list[tuple[int, int]] = []
+    hook = model.register_forward_pre_hook(lambda _m, _a, kw: shapes.append(tuple(kw["input_ids"].shape)),
+                                           with_kwargs=True)
+    try:
+        yield shapes
+    finally:
+        hook.remove()
+
+
 @pytest.fixture(scope="module")
 def trained(sampling_model_dir):
     return load_local_model(sampling_model_dir, device="cpu")
@@ -113,27 +136,18 @@ def test_greedy_batched_equals_unbatched_on_a_trained_model(trained):
 
 def test_finished_rows_leave_the_batch_and_greedy_outputs_stay_the_same(trained):
     model, tok = trained
-    enc = ChatEncoder(tok)
-    prompts = [build_prompt_ids(enc, q, pre_text=FIXTURE_SYSTEM) for q, _ in QA]
-    config = resolve_generation_config(model, {"do_sample": False, "max_new_tokens": 24}, eos_token_id=enc.eos_id,
-                                       pad_token_id=tok.pad_token_id)
+    enc, prompts, config = _greedy_qa(model, tok)
     reference = [g.token_ids for g in generate_batched(model, tok, prompts, config, batch_size=1, compact_every=None)]
     lengths = [len(ids) for ids in reference]
     assert lengths == [2, 3, 8, 7, 2, 7, 2, 21]  # the fixture's answers (+ </s>)
     width = max(len(p) for p in prompts)
-    forwards: list[tuple[int, int]] = []  # input_ids shape [rows, new positions] of each forward pass
-    hook = model.register_forward_pre_hook(lambda _m, _a, kw: forwards.append(tuple(kw["input_ids"].shape)),
-                                           with_kwargs=True)
-    try:
-        rows = {}
-        for every in (None, 1, 3, 100):
-            forwards.clear()
+    rows = {}
+    for every in (None, 1, 3, 100):
+        with _forward_shapes(model) as forwards:
             out = generate_batched(model, tok, prompts, config, batch_size=len(prompts), compact_every=every)
-            assert [g.token_ids for g in out] == reference
-            assert forwards[0] == (8, width) and all(n == 1 for _, n in forwards[1:])  # one prefill, then the cache
-            rows[every] = [r for r, _ in forwards]
-    finally:
-        hook.remove()
+        assert [g.token_ids for g in out] == reference
+        assert forwards[0] == (8, width) and all(n == 1 for _, n in forwards[1:])  # one prefill, then the cache
+        rows[every] = [r for r, _ in forwards]
     assert rows[None] == rows[100] == [8] * 21  # transformers keeps finished rows to the end
     assert rows[1] == [sum(n >= t for n in lengths) for t in range(1, 22)] == [8, 8, 5, 4, 4, 4, 4, 2] + [1] * 13
     # every 3 tokens: after 3, the four rows of 2-3 tokens leave; after 9, those of 7-8; the 21-token row runs alone
@@ -176,23 +190,15 @@ def test_prompts_of_different_lengths_prefill_apart_and_decode_together(trained,
     import orca8k.sampling.generation as generation
 
     model, tok = trained
-    enc = ChatEncoder(tok)
-    prompts = [build_prompt_ids(enc, q, pre_text=FIXTURE_SYSTEM) for q, _ in QA]
-    config = resolve_generation_config(model, {"do_sample": False, "max_new_tokens": 24}, eos_token_id=enc.eos_id,
-                                       pad_token_id=tok.pad_token_id)
+    enc, prompts, config = _greedy_qa(model, tok)
     reference = [g.token_ids for g in generate_batched(model, tok, prompts, config, batch_size=1, compact_every=None)]
     lengths = [len(p) for p in prompts]
     assert prefill_groups(lengths, generation.PREFILL_PASS_COST) == [sorted(range(8), key=lambda i: -lengths[i])]
     monkeypatch.setattr(generation, "PREFILL_PASS_COST", 0)  # every prompt length its own prefill pass
     groups = prefill_groups(lengths, 0)
     assert len(groups) == len(set(lengths)) > 3
-    forwards: list[tuple[int, int]] = []  # input_ids shape [rows, new positions] of each forward pass
-    hook = model.register_forward_pre_hook(lambda _m, _a, kw: forwards.append(tuple(kw["input_ids"].shape)),
-                                           with_kwargs=True)
-    try:
+    with _forward_shapes(model) as forwards:
         out = generate_batched(model, tok, prompts, config, batch_size=len(prompts), compact_every=3)
-    finally:
-        hook.remove()
     assert [g.token_ids for g in out] == reference
     # each group's prefill at its own width, then one batch continues from the joined caches: the first new token
     # came from the prefills, so the batch's first call makes tokens 2-4, and the rows of 2-3 tokens leave after it
@@ -252,10 +258,7 @@ def test_a_minimum_from_the_models_own_generation_config_holds_once(trained, mon
     # once the minimum is met, later compacting calls must not fall back to it and block `</s>` again
     model, tok = trained
     monkeypatch.setattr(model.generation_config, "min_new_tokens", 4)
-    enc = ChatEncoder(tok)
-    prompts = [build_prompt_ids(enc, q, pre_text=FIXTURE_SYSTEM) for q, _ in QA]
-    config = resolve_generation_config(model, {"do_sample": False, "max_new_tokens": 24}, eos_token_id=enc.eos_id,
-                                       pad_token_id=tok.pad_token_id)
+    enc, prompts, config = _greedy_qa(model, tok)
     assert config.min_new_tokens == 4
     whole = [g.token_ids for g in generate_batched(model, tok, prompts, config, batch_size=1, compact_every=None)]
     for every in (1, 3):

@@ -315,7 +315,7 @@ def _generate_compacting(model: PreTrainedModel, input_ids: Any, attention_mask:
     import torch
 
     total = generation_config.max_new_tokens
-    if (compact_every is None or total is None or (generation_config.num_beams or 1) > 1
+    if (compact_every is None or (generation_config.num_beams or 1) > 1
             or generation_config.use_cache is False or generation_config.cache_implementation not in (None, "dynamic")):
         out = model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=generation_config)
         return out[:, input_ids.shape[1]:].tolist()  # [batch, new_tokens]
@@ -337,23 +337,22 @@ def _generate_compacting(model: PreTrainedModel, input_ids: Any, attention_mask:
     rows = torch.arange(input_ids.shape[0])  # the batch's rows still generating, by their index in `input_ids`
     sequences, mask, cache, done = input_ids, attention_mask, None, 0
     groups = prefill_groups(attention_mask.sum(dim=1).tolist(), PREFILL_PASS_COST) if total > 1 else []
-    first = None
+    pending = None  # the first call's (sequences, cache, tokens asked) when the groups' prefills were joined
     if len(groups) > 1:
         parts = []
         for group in groups:  # each group's prefill and first new token, at the group's own width
             index = torch.tensor(group, device=input_ids.device)
             w = int(attention_mask[index].sum(dim=1).max())
             parts.append((index, *call(input_ids[index, -w:], attention_mask[index, -w:], None, 0, 1)[:2]))
-        first = _join_prefilled(parts, width, pad)
-        if first is not None:
-            rows = first[0].cpu()
-            sequences, mask = input_ids[first[0]], attention_mask[first[0]]
+        joined = _join_prefilled(parts, width, pad)
+        if joined is not None:
+            order, produced, joined_cache = joined
+            rows = order.cpu()
+            sequences, mask = input_ids[order], attention_mask[order]
+            pending = (produced, joined_cache, 1)
     while True:
-        if first is not None:  # the joined prefill stands for the first call
-            produced, cache, asked = first[1], first[2], 1
-            first = None
-        else:
-            produced, cache, asked = call(sequences, mask, cache, done, compact_every)
+        produced, cache, asked = pending or call(sequences, mask, cache, done, compact_every)
+        pending = None
         made = produced.shape[1] - sequences.shape[1]  # fewer than asked when every row ended
         done += made
         # a row is done when it made `</s>` or reached `max_new_tokens`; generate stops early only when all are done

@@ -284,6 +284,43 @@ def test_pieces_encode_exactly_like_the_whole_text(tokenizer, encoder, request):
         assert [encoder.segment_ids(t, first=first) for t in texts[:3]] == whole[:3]
 
 
+EDGE_TEXTS = ["", " ", "  ", "a", " a", "  a", "\u2581a", "\u2581", "\u2581\u2581 b", "\na", " \n", "a b", "\t x", "x  ",
+              "<s> x", "</s>", "héllo 😀", "a\u3000b", "\r\n x\n", "  lead\n\n\n  spaces \n" * 200]
+
+
+def test_metaspace_in_python_encodes_exactly_like_the_tokenizers_pre_tokenizer(encoder):
+    import copy
+
+    segments = encoder.segments
+    assert segments.bare is not None  # Llama's layout: the Python path is the one in use
+    for first, whole_encoder in ((True, segments.first), (False, segments.inner)):
+        expected = [whole_encoder.encode(t).ids for t in EDGE_TEXTS]
+        assert segments.encode(EDGE_TEXTS, first=first) == expected
+        fallback = copy.copy(segments)
+        fallback.bare = None  # the Rust pre-tokenizer path, for a layout that does not qualify
+        assert fallback.encode(EDGE_TEXTS, first=first) == expected
+    # the dummy-prefix rule, spelled out: none for an empty text or one already starting with ▁ (or a space)
+    assert [segments.first.encode(t).tokens[:1] for t in ("", " a", "\u2581a", "a")] == [[], ["▁a"], ["▁a"], ["▁a"]]
+
+
+def test_metaspace_only_refuses_other_normalizers_and_pre_tokenizers(tokenizer):
+    import json
+
+    from orca8k.model.segments import spec_metaspace_only
+    from orca8k.model.tokenizer import normalised_spec
+
+    spec = normalised_spec(json.loads(tokenizer.backend_tokenizer.to_str()))
+    assert spec_metaspace_only(spec)
+    pre = spec["pre_tokenizer"]
+    assert not spec_metaspace_only({**spec, "pre_tokenizer": {**pre, "split": True}})
+    assert not spec_metaspace_only({**spec, "pre_tokenizer": {**pre, "replacement": "_"}})
+    assert not spec_metaspace_only({**spec, "pre_tokenizer": {"type": "Sequence", "pretokenizers": [
+        pre, {"type": "Digits", "individual_digits": True}]}})
+    assert not spec_metaspace_only({**spec, "normalizer": {"type": "NFKC"}})
+    replace = {"type": "Replace", "pattern": {"String": " "}, "content": "\u2581"}
+    assert spec_metaspace_only({**spec, "normalizer": {"type": "Sequence", "normalizers": [replace]}})
+
+
 def test_newline_boundary_needs_a_vocabulary_without_newline_pieces(tokenizer):
     import json
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 from orca8k.data.chat_format import IGNORE_INDEX, ChatEncoder, check_messages, render_chat
@@ -218,6 +219,28 @@ def test_text_longer_than_max_length_becomes_windows_covering_all_of_it(tokenize
         assert e.input_ids[0] == tokenizer.bos_token_id and e.input_ids.count(tokenizer.bos_token_id) == 1
         assert e.labels == [IGNORE_INDEX, *e.input_ids[1:]]
         assert (e.input_ids[-1] == tokenizer.eos_token_id) == (k == windows - 1)
+
+
+def test_text_window_bounds_are_exact():
+    from orca8k.data.chat_format import text_window_bounds
+
+    assert text_window_bounds(1, 16) == [(0, 1)]
+    assert text_window_bounds(15, 16) == [(0, 15)]  # 15 ids + <s> = 16 tokens: one window
+    assert text_window_bounds(16, 16) == [(0, 8), (8, 16)]
+    assert text_window_bounds(31, 16) == [(0, 11), (11, 21), (21, 31)]  # 31 = 3 × 10 + 1: the first one longer
+
+
+@pytest.mark.parametrize("max_length", [16, 40, 100])
+def test_text_example_arrays_equal_the_examples_flattened(encoder, max_length):
+    texts = ["", "x", " ".join(["The dragon slept under the castle while the queen counted to ten."] * 10),
+             "line\n" * 120]
+    for text in texts:
+        ids, labels, lengths = encoder.text_example_arrays(encoder.segment_ids(text, first=True), max_length)
+        examples = encoder.encode_text_examples(text, max_length).examples
+        assert ids.dtype == labels.dtype == np.int32
+        assert ids.tolist() == [t for e in examples for t in e.input_ids]
+        assert labels.tolist() == [t for e in examples for t in e.labels]
+        assert lengths == [len(e) for e in examples]
 
 
 def test_an_example_without_a_supervised_token_is_dropped_and_counted(encoder):

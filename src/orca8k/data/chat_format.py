@@ -28,6 +28,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
+
 from orca8k.model.segments import SegmentEncoder
 from orca8k.model.tokenizer import ASSISTANT, BOS, EOS, PROMPTER, SYSTEM
 
@@ -413,17 +415,29 @@ class ChatEncoder:
         block = self._exchange_block(user[len(user) - user_keep:], reply[:reply_keep], complete)
         return header, [block], int(complete), original - (1 + len(header[0]) + len(block[0]))
 
+    def text_example_arrays(self, text_ids: Sequence[int], max_length: int) -> tuple[np.ndarray, np.ndarray, list[int]]:
+        """`encode_text_examples`'s examples for a text's segment ids (`segment_ids(text, first=True)`), flattened with
+        numpy instead of one list per example: the tokenize stage's path for the bulk of the tokens.
+
+        Returns:
+            `(input_ids, labels, lengths)`: int32 `[tokens]` arrays equal to the concatenation of the examples'
+            `input_ids` and `labels` (each window gets `<s>` in front, labelled -100; the text ends with `</s>`), and
+            each example's length. A window always holds a target, so no example is dropped.
+        """
+        ids = np.empty(len(text_ids) + 1, np.int32)
+        ids[:-1] = text_ids
+        ids[-1] = self.eos_id
+        bounds = text_window_bounds(len(ids), max_length)
+        starts = [start for start, _ in bounds]
+        return (np.insert(ids, starts, self.bos_id), np.insert(ids, starts, IGNORE_INDEX),
+                [end - start + 1 for start, end in bounds])
+
     def _text_examples(self, text_ids: list[int], max_length: int, add_eos: bool) -> RowExamples:
         ids = text_ids + ([self.eos_id] if add_eos else [])
-        room = max_length - 1
-        n_windows = max(1, -(-len(ids) // room))
-        size, extra = divmod(len(ids), n_windows)  # near-equal windows: `extra` of them one token longer
+        bounds = text_window_bounds(len(ids), max_length)
         result = RowExamples([])
-        start = 0
-        for k in range(n_windows):
-            end = start + size + (1 if k < extra else 0)
-            example = self._window(ids, start, end, k, n_windows)
-            start = end
+        for k, (start, end) in enumerate(bounds):
+            example = self._window(ids, start, end, k, len(bounds))
             (result.examples if example.num_supervised else result.dropped_examples).append(example)
         return result
 
@@ -432,6 +446,20 @@ class ChatEncoder:
         ends_text = end == len(ids) and bool(ids) and ids[-1] == self.eos_id
         return Encoded(self.add_bos(window), [IGNORE_INDEX, *window],
                        {"assistant_turns": 0, "cut_tokens": 0, "part": part, "parts": parts, "ends_text": ends_text})
+
+
+def text_window_bounds(n_ids: int, max_length: int) -> list[tuple[int, int]]:
+    """`(start, end)` of the windows a text of `n_ids` ids (its `</s>` included) is split into: contiguous, covering
+    all of it, as few as fit `max_length - 1` ids each (the `<s>` in front takes one), of near-equal size (the first
+    ones one id longer where the count does not divide)."""
+    n_windows = max(1, -(-n_ids // (max_length - 1)))
+    size, extra = divmod(n_ids, n_windows)
+    bounds, start = [], 0
+    for k in range(n_windows):
+        end = start + size + (1 if k < extra else 0)
+        bounds.append((start, end))
+        start = end
+    return bounds
 
 
 def _check_max_length(max_length: int) -> None:

@@ -30,13 +30,14 @@ import shutil
 import time
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from orca8k.config import Config
-from orca8k.data.chat_format import ChatEncoder, RowError, RowExamples, SegmentedRows
+from orca8k.data.chat_format import ChatEncoder, RowError, SegmentedRows
 from orca8k.data.packing import pack_table
 from orca8k.data.token_stats import (
     BOOL_STAT_COLUMNS,
@@ -262,7 +263,7 @@ class EncodeBatches:
             self._pending = (following, self._pool.submit(self._segment, self.table.slice(following, self.batch_rows)))
         try:
             segmented = current.result() if current is not None else self._segment(batch)
-            rows = self.encoder.assemble_rows(segmented, self.max_length)
+            rows = _assemble(self.encoder, segmented, self.max_length)
         except RowError as err:
             kind = batch.column("kind")[err.row].as_py()
             field = "messages" if kind == "chat" else "kind/text"
@@ -284,32 +285,61 @@ class EncodeBatches:
         return {**self.__dict__, "table": None, "_pool": None, "_pending": None}
 
 
-def _examples_table(batch: pa.Table, rows: list[RowExamples], special: SpecialIds, train_on_system: bool
-                    ) -> pa.Table:
+@dataclass
+class _FlatRow:
+    """The examples one mix row became (kept, then dropped), flattened: `input_ids`/`labels` int32 `[tokens]`,
+    and per example its length and meta."""
+
+    input_ids: np.ndarray
+    labels: np.ndarray
+    lengths: list[int]
+    part: list[int]
+    parts: list[int]
+    assistant_turns: list[int]
+    cut_tokens: list[int]
+    dropped: list[bool]
+
+
+def _assemble(encoder: ChatEncoder, rows: SegmentedRows, max_length: int) -> list[_FlatRow]:
+    """`ChatEncoder.assemble_rows` for the batch's chat rows, `ChatEncoder.text_example_arrays` (the same examples,
+    built with numpy) for its text rows: one `_FlatRow` per mix row, in order."""
+    chat = [i for i, kind in enumerate(rows.kinds) if kind == "chat"]
+    assembled = encoder.assemble_rows(SegmentedRows(["chat"] * len(chat), [rows.messages[i] for i in chat],
+                                                    [rows.segment_ids[i] for i in chat]), max_length)
+    out: list[_FlatRow | None] = [None] * len(rows.kinds)
+    for i, row in zip(chat, assembled, strict=True):
+        examples = row.examples + row.dropped_examples
+        out[i] = _FlatRow(
+            _int32_values([e.input_ids for e in examples]), _int32_values([e.labels for e in examples]),
+            [len(e) for e in examples], [e.meta["part"] for e in row.examples] + [-1 - k for k in range(row.dropped)],
+            [len(row.examples)] * len(examples), [e.meta["assistant_turns"] for e in examples],
+            [e.meta["cut_tokens"] for e in examples], [False] * len(row.examples) + [True] * row.dropped)
+    for i, kind in enumerate(rows.kinds):
+        if kind == "text":
+            ids, labels, lengths = encoder.text_example_arrays(rows.segment_ids[i], max_length)
+            n = len(lengths)
+            out[i] = _FlatRow(ids, labels, lengths, list(range(n)), [n] * n, [0] * n, [0] * n, [False] * n)
+    return out  # type: ignore[return-value]
+
+
+def _examples_table(batch: pa.Table, rows: list[_FlatRow], special: SpecialIds, train_on_system: bool) -> pa.Table:
     """One output row per example of `rows` (the encoded mix rows of `batch`), kept and dropped, with its
     `example_stats` (computed from the Arrow arrays written) in `stat_*` columns."""
     import pyarrow as pa
     import pyarrow.compute as pc
 
-    owner: list[int] = []  # the mix row of each output row
-    meta: dict[str, list] = {"part": [], "parts": [], "assistant_turns": [], "cut_tokens": [], "dropped": []}
-    input_ids: list[list[int]] = []
-    labels: list[list[int]] = []
-    for i, row in enumerate(rows):
-        for dropped, examples in ((False, row.examples), (True, row.dropped_examples)):
-            for k, e in enumerate(examples):
-                owner.append(i)
-                meta["part"].append(e.meta["part"] if not dropped else -1 - k)
-                meta["parts"].append(len(row.examples))
-                meta["assistant_turns"].append(e.meta["assistant_turns"])
-                meta["cut_tokens"].append(e.meta["cut_tokens"])
-                meta["dropped"].append(dropped)
-                input_ids.append(e.input_ids)
-                labels.append(e.labels)
+    owner = np.repeat(np.arange(len(rows)), [len(r.lengths) for r in rows])  # the mix row of each output row
+    lengths = np.fromiter((n for r in rows for n in r.lengths), np.int64)
+    offsets = pa.array(np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32))
+
+    def column(name: str) -> list:
+        return [v for r in rows for v in getattr(r, name)]
+
     take = pa.array(owner, pa.int64())
     row_id = batch.column("id").take(take)
-    parts = pa.array(meta["part"], pa.int32())
-    ids_array, labels_array = _int32_lists(input_ids), _int32_lists(labels)
+    parts = pa.array(column("part"), pa.int32())
+    ids_array = pa.ListArray.from_arrays(offsets, pa.array(_concat([r.input_ids for r in rows])))
+    labels_array = pa.ListArray.from_arrays(offsets, pa.array(_concat([r.labels for r in rows])))
     stats = example_stats(ids_array, labels_array, special, train_on_system)
     return pa.table({
         "id": pc.binary_join_element_wise(row_id, parts.cast(pa.string()), "#"),
@@ -317,26 +347,24 @@ def _examples_table(batch: pa.Table, rows: list[RowExamples], special: SpecialId
         "source": batch.column("source").take(take),
         "kind": batch.column("kind").take(take),
         "part": parts,
-        "parts": pa.array(meta["parts"], pa.int32()),
+        "parts": pa.array(column("parts"), pa.int32()),
         "input_ids": ids_array,
         "labels": labels_array,
-        "assistant_turns": pa.array(meta["assistant_turns"], pa.int32()),
-        "cut_tokens": pa.array(meta["cut_tokens"], pa.int32()),
-        "dropped": pa.array(meta["dropped"], pa.bool_()),
+        "assistant_turns": pa.array(column("assistant_turns"), pa.int32()),
+        "cut_tokens": pa.array(column("cut_tokens"), pa.int32()),
+        "dropped": pa.array(column("dropped"), pa.bool_()),
     } | {STAT_PREFIX + c: pa.array(stats[c]) for c in EXAMPLE_STAT_COLUMNS})
 
 
-def _int32_lists(lists: list[list[int]]) -> pa.Array:
-    """`list<int32>` Arrow array of Python int lists (one flat copy through numpy)."""
+def _concat(arrays: list[np.ndarray]) -> np.ndarray:
+    return np.concatenate(arrays) if arrays else np.zeros(0, np.int32)
+
+
+def _int32_values(lists: list[list[int]]) -> np.ndarray:
+    """The values of Python int lists, concatenated, as one int32 array."""
     import itertools
 
-    import pyarrow as pa
-
-    lengths = np.fromiter(map(len, lists), np.int64, len(lists))
-    offsets = np.zeros(len(lists) + 1, np.int32)
-    np.cumsum(lengths, out=offsets[1:])
-    values = np.fromiter(itertools.chain.from_iterable(lists), np.int32, int(offsets[-1]))
-    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(values))
+    return np.fromiter(itertools.chain.from_iterable(lists), np.int32, sum(map(len, lists)))
 
 
 def _encode_split(path: Path, encoder: ChatEncoder, max_length: int, num_proc: int, work: Path, split: str

@@ -40,6 +40,33 @@ def test_packed_rows_restart_positions_and_keep_every_token():
     assert "sources" not in rows[0]  # examples without a source: no column
 
 
+def test_pack_table_reads_chunked_sliced_columns_and_checks_a_given_plan():
+    """The rows a datasets cache file gives (several chunks, sliced) pack as the same examples in one array do; a
+    given plan must hold every example once, in bins within max_length."""
+    import pyarrow as pa
+
+    from orca8k.data.packing import pack_table
+
+    lengths = [5, 9, 3, 7, 2, 8, 1, 4, 6]
+    ids = [[1] + [10 + k] * (n - 1) for k, n in enumerate(lengths)]
+    labels = [[IGNORE_INDEX] + [10 + k] * (n - 1) for k, n in enumerate(lengths)]
+    whole = pa.table({"input_ids": pa.array(ids, pa.list_(pa.int32())), "labels": pa.array(labels, pa.list_(pa.int32()))})
+    padded = pa.concat_tables([whole.slice(0, 1), whole, whole.slice(0, 2)])  # extra rows on both sides
+    chunked = pa.concat_tables([padded.slice(1, 4), padded.slice(5, 5)])  # two chunks, both sliced from padded
+    assert chunked.column("input_ids").num_chunks == 2 and chunked.to_pylist() == whole.to_pylist()
+    expected = pack_table(whole, 10).to_pylist()
+    assert pack_table(chunked, 10).to_pylist() == expected
+    bins = plan_bins(lengths, 10)
+    assert pack_table(chunked, 10, bins).to_pylist() == expected
+    with pytest.raises(ValueError, match="every example exactly once"):
+        pack_table(whole, 10, bins[:-1])
+    with pytest.raises(ValueError, match="every example exactly once"):
+        pack_table(whole, 10, [*bins, []])
+    with pytest.raises(ValueError, match="more than max_length=10"):
+        pack_table(whole, 10, [[1, 5], *[[i] for i in range(len(lengths)) if i not in (1, 5)]])
+    assert pack_table(whole.slice(0, 0), 10).num_rows == 0
+
+
 def test_packed_rows_name_their_sources_and_the_collator_counts_supervised_tokens_per_source():
     """The per-source curves' inputs: packed rows carry each example's source in order, and the collator counts a
     batch's supervised tokens per source for examples and packed rows alike."""

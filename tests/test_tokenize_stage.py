@@ -284,6 +284,24 @@ def test_a_share_out_of_bounds_stops_the_stage_after_writing_results(tmp_path, b
     assert not layout.tokenized_train.exists() and not layout.tokenized_val.exists()  # nothing to train on
 
 
+def test_an_error_in_the_packing_thread_stops_the_stage_and_the_work_folder_goes(tmp_path, base_tokenizer_dir,
+                                                                                 monkeypatch):
+    import orca8k.stages.tokenize as stage
+    from orca8k.stages import run_stage
+
+    def broken_pack(*_args, **_kwargs):
+        raise RuntimeError("disk full while packing")
+
+    monkeypatch.setattr(stage, "pack_table", broken_pack)
+    cfg = prepare_run(tmp_path, base_tokenizer_dir, [f"tokenize.max_length={MAX_LENGTH}", "tokenize.packing=true"])
+    with pytest.raises(RuntimeError, match="disk full while packing"):
+        run_stage("tokenize", cfg)
+    layout = Layout.from_config(cfg)
+    assert not layout.tokenize_work.exists()
+    assert not layout.tokenized_train.exists()  # never saved
+    assert not layout.token_validation_result.exists()  # the suite stopped at the packed batch, before its result
+
+
 def test_the_token_suite_catches_broken_masks_positions_and_lost_tokens(tokenizer):
     import pandas as pd
 

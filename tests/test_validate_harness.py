@@ -82,6 +82,30 @@ def test_the_run_id_is_content_addressed():
     assert len({first, run_id([1, 2, 4]), run_id([1, 2, 3], min_value=2), run_id([1, 2, 3], name="c")}) == 4
 
 
+def test_a_deferred_batch_is_produced_in_its_turn_and_hashed_by_its_fingerprint():
+    calls: list[str] = []
+
+    def later() -> pd.DataFrame:
+        calls.append("produced")
+        return _frame([0, 5])
+
+    def run(fingerprint: str, xs: list[int] = (1, 2)):
+        calls.clear()
+        return run_validation([Batch("now", _suite(), _frame(list(xs))),
+                               Batch("later", _suite(), later, fingerprint=fingerprint)], run_name="t", data_docs_dir=None)
+
+    report = run("plan-a")
+    assert calls == ["produced"]  # called once
+    assert (report.check("now", "x_min").success, report.check("later", "x_min").success) == (True, False)
+    assert report.check("later", "x_min").examples == [{"id": "row0", "x": 0}]
+    assert report.batches["later"]["rows"] == 2
+    # the run id hashes the fingerprint, not the frame (it is needed before the frame exists)
+    assert run("plan-a").run_id == report.run_id
+    assert len({report.run_id, run("plan-b").run_id, run("plan-a", xs=(1, 3)).run_id}) == 3
+    with pytest.raises(ValueError, match="needs a fingerprint"):
+        Batch("later", _suite(), later)
+
+
 def test_result_json_summary_and_failure(tmp_path):
     report = run_validation([Batch("b", _suite(), _frame([1, 0]))], run_name="t", data_docs_dir=None)
     path = report.write_json(tmp_path / "out" / "result.json", extra={"special": {"n": 1}})

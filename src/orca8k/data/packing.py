@@ -61,13 +61,15 @@ def plan_bins(lengths: Sequence[int] | np.ndarray, max_length: int) -> list[list
     return bins
 
 
-def pack_table(table: pa.Table, max_length: int) -> pa.Table:
+def pack_table(table: pa.Table, max_length: int, bins: list[list[int]] | None = None) -> pa.Table:
     """Pack the examples of an Arrow table (`input_ids`, `labels` list columns) into rows of ≤ `max_length` tokens.
 
     Args:
         table: one example per row; `input_ids` and `labels` of equal length per row; an optional `source` (string)
             column; other columns are dropped.
         max_length: tokens per packed row.
+        bins: the plan, `plan_bins(lengths, max_length)` computed beforehand (None: computed here); checked to hold
+            every example exactly once within `max_length`.
 
     Returns:
         A table with `input_ids`, `labels`, `position_ids` (`list<int32>`, restarting at 0 at each example) and
@@ -75,28 +77,32 @@ def pack_table(table: pa.Table, max_length: int) -> pa.Table:
         also `sources` (`list<string>`: each example's source, in the row's order) for per-source token counts.
 
     Raises:
-        ValueError: `input_ids` and `labels` differ in length somewhere, or an example exceeds `max_length`.
+        ValueError: `input_ids` and `labels` differ in length somewhere, an example exceeds `max_length`, or `bins`
+            is not a plan of these examples.
     """
     import pyarrow as pa
-    import pyarrow.compute as pc
 
-    # one chunk each first: Arrow's take on a chunked list column is several times slower than on one array
-    ids_col, labels_col = (table.column(c).combine_chunks() for c in ("input_ids", "labels"))
-    lengths = pc.list_value_length(ids_col).to_numpy().astype(np.int64)
-    if not np.array_equal(lengths, pc.list_value_length(labels_col).to_numpy()):
+    ids_col, labels_col = (_ListRows(table.column(c)) for c in ("input_ids", "labels"))
+    lengths = ids_col.lengths
+    if not np.array_equal(lengths, labels_col.lengths):
         raise ValueError("pack_table: input_ids and labels differ in length in some row")
-    bins = plan_bins(lengths, max_length)
-    order = pa.array(np.fromiter((i for b in bins for i in b), dtype=np.int64, count=len(lengths)))
-    # the examples in bin order, concatenated (Arrow's take: one copy of the values)
-    packed_ids = ids_col.take(order).flatten()
-    packed_labels = labels_col.take(order).flatten()
-    lens = lengths[order.to_numpy()]
+    if bins is None:
+        bins = plan_bins(lengths, max_length)
+    flat = np.fromiter((i for b in bins for i in b), dtype=np.int64)
+    per_bin = np.array([len(b) for b in bins], dtype=np.int64)
+    if flat.size != lengths.size or not np.array_equal(np.sort(flat), np.arange(lengths.size)) or \
+            (per_bin.size and per_bin.min() == 0):
+        raise ValueError("pack_table: the bins do not hold every example exactly once (and no bin is empty)")
+    # the examples in bin order, concatenated: one copy of the values
+    packed_ids, packed_labels = ids_col.gather(flat), labels_col.gather(flat)
+    lens = lengths[flat]
     # 0..len-1 per example: views of one short range, concatenated (one allocation of the output, no temporaries)
     steps = np.arange(int(lens.max()) if lens.size else 0, dtype=np.int32)
     positions = np.concatenate([steps[:n] for n in lens.tolist()]) if lens.size else np.zeros(0, np.int32)
-    per_bin = np.array([len(b) for b in bins], dtype=np.int64)
     row_tokens = np.add.reduceat(lens, np.concatenate([[0], np.cumsum(per_bin)[:-1]]), dtype=np.int64) if bins \
         else np.array([], np.int64)
+    if row_tokens.size and row_tokens.max() > max_length:
+        raise ValueError(f"pack_table: a bin holds more than max_length={max_length} tokens")
     row_offsets = pa.array(np.concatenate([[0], np.cumsum(row_tokens)]).astype(np.int32))
 
     def ragged(values: pa.Array | np.ndarray) -> pa.Array:
@@ -110,10 +116,33 @@ def pack_table(table: pa.Table, max_length: int) -> pa.Table:
         "num_examples": pa.array(per_bin.astype(np.int32)),
     }
     if "source" in table.column_names:
-        names = table.column("source").take(order).combine_chunks()
+        names = table.column("source").take(pa.array(flat)).combine_chunks()
         example_offsets = pa.array(np.concatenate([[0], np.cumsum(per_bin)]).astype(np.int32))
         columns["sources"] = pa.ListArray.from_arrays(example_offsets, names)
     return pa.table(columns)
+
+
+class _ListRows:
+    """A list column (chunked or not, e.g. memory-mapped from a datasets cache file) as numpy views: each chunk's
+    values and each row's (chunk, start, end), so rows can be gathered in any order with one copy of the values.
+    (Arrow's `take` on list arrays allocates through Arrow's pool, whose fresh pages cost a page fault each on
+    first touch: 0.46 s against 0.08 s for numpy on 10 M tokens, measured in a fresh process.)"""
+
+    def __init__(self, column: pa.ChunkedArray | pa.Array) -> None:
+        chunks = column.chunks if hasattr(column, "chunks") else [column]
+        self.values = [chunk.values.to_numpy() for chunk in chunks]
+        offsets = [chunk.offsets.to_numpy() for chunk in chunks]
+        self.chunk = np.repeat(np.arange(len(chunks)), [len(o) - 1 for o in offsets])
+        self.starts = np.concatenate([o[:-1] for o in offsets]).astype(np.int64) if chunks else np.zeros(0, np.int64)
+        self.ends = np.concatenate([o[1:] for o in offsets]).astype(np.int64) if chunks else np.zeros(0, np.int64)
+        self.lengths = self.ends - self.starts
+
+    def gather(self, rows: np.ndarray) -> np.ndarray:
+        """The values of `rows`, in that order, concatenated (the values' dtype)."""
+        if rows.size == 0:
+            return np.zeros(0, self.values[0].dtype if self.values else np.int32)
+        chunk, starts, ends = self.chunk[rows].tolist(), self.starts[rows].tolist(), self.ends[rows].tolist()
+        return np.concatenate([self.values[c][a:b] for c, a, b in zip(chunk, starts, ends, strict=True)])
 
 
 def pack_examples(examples: Sequence[dict[str, Sequence[int]]], max_length: int) -> list[dict[str, list[int]]]:

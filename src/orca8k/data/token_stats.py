@@ -165,12 +165,13 @@ def packed_row_stats(input_ids: pa.ChunkedArray | pa.Array, labels: pa.ChunkedAr
         return {}
     restart = np.flatnonzero(pos == 0)
     bos = np.flatnonzero(ids == special.bos)
-    broken = np.flatnonzero((pos[1:] != pos[:-1] + 1) & (pos[1:] != 0)) + 1  # inside or across rows
+    broken = np.flatnonzero((np.diff(pos) != 1) & (pos[1:] != 0)) + 1  # inside or across rows
     broken = broken[~np.isin(broken, starts)]  # a row's first position is judged on its own, below
     broken = np.union1d(broken, starts[pos[starts] != 0])
     return {
         "num_tokens": np.diff(off),
-        "supervised_tokens": _count_dense(lab != IGNORE_INDEX, starts),
+        # by the (few) unsupervised positions: no dense per-token reduction over the split
+        "supervised_tokens": np.diff(off) - _count_at(np.flatnonzero(lab == IGNORE_INDEX), off),
         "segments": _count_at(restart, off),
         "bos_tokens": _count_at(bos, off),
         "bos_at_restart": _count_at(np.intersect1d(restart, bos, assume_unique=True), off),

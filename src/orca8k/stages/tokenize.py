@@ -17,8 +17,11 @@ base tokenizer (`orca8k.model.base.resolve_base`). Writes:
 
 Encoding is `EncodeBatches` inside `datasets.map` (batched, Arrow in and out; `tokenize.num_proc` processes; progress
 bar): segments of a batch go through the Rust tokenizer in one call, and in one process the next batch's call runs in
-a thread while this batch is assembled. Packing plans bins per shard of examples so memory
-stays bounded by the shard, not the split.
+a thread while this batch is assembled. Packing plans bins per shard of examples so memory stays bounded by the
+shard, not the split; the plan is made first (from the examples' lengths), then a thread materialises and saves the
+packed rows while the val split is encoded and the token suite checks the examples. The suite's packed batches come
+last and wait for that thread (the run id hashes the plan for them: `orca8k.validation.harness`, deferred batches).
+`phase_seconds` in the summary are per phase; the packing thread's (`pack`, `save_packed`) overlap the others.
 """
 
 from __future__ import annotations
@@ -38,7 +41,7 @@ import numpy as np
 
 from orca8k.config import Config
 from orca8k.data.chat_format import ChatEncoder, RowError, SegmentedRows
-from orca8k.data.packing import pack_table
+from orca8k.data.packing import pack_table, plan_bins
 from orca8k.data.token_stats import (
     BOOL_STAT_COLUMNS,
     EXAMPLE_STAT_COLUMNS,
@@ -92,6 +95,10 @@ def run(cfg: Config) -> StageResult:
     stats: dict[str, pd.DataFrame] = {}
     counts: dict[str, dict[str, Any]] = {}
     dropped_lines: list[str] = []
+    # packing runs in this thread while the val split is encoded and the examples are validated (Arrow and numpy
+    # release the GIL); the token suite's packed batches wait for it
+    pool = ThreadPoolExecutor(1, thread_name_prefix="orca8k-pack")
+    packing: Future | None = None
     try:
         for split, path in (("train", layout.mix_train), ("val", layout.mix_val)):
             with timer(f"encode_{split}"), _rust_threads(t.num_proc == 1):
@@ -102,33 +109,38 @@ def run(cfg: Config) -> StageResult:
                 examples = examples.remove_columns(list(STAT_COLUMNS))
             out = layout.tokenized_train if split == "train" else layout.tokenized_val
             if split == "train" and t.packing:
-                with timer("pack"):
-                    packed, counts[split] = _pack(examples, t.max_length, layout.tokenize_work, special)
-                with timer("save"):
-                    packed.save_to_disk(str(out))
-                del packed
+                with timer("plan"):
+                    plans = _plan(stats[split]["num_tokens"].to_numpy(), t.max_length)
+                if not plans:
+                    raise DataError(f"{path}: no train example left to pack")
+                counts[split] = {"rows": sum(map(len, plans)), "plan_fingerprint": _plan_fingerprint(plans)}
+                packing = pool.submit(_pack, examples, plans, t.max_length, layout.tokenize_work, special, out, timer)
             else:
                 with timer("save"):
                     examples.save_to_disk(str(out))
                 counts[split] = {"rows": len(examples)}
             counts[split]["mix_rows"] = _mix_rows(path)
             del examples
+        layout.tokenize_dropped.write_text("".join(dropped_lines), encoding="utf-8")
+        vocab = {"vocab_size": len(tokenizer),
+                 "padded_vocab_size": padded_vocab_size(tokenizer, cfg.model.pad_vocab_size_multiple)}
+        metrics = _metrics(cfg, stats, counts, dropped_lines, vocab)
+        layout.tokenize_metrics.write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
+        with timer("validate"):
+            try:
+                validation = _validate(cfg, layout, stats, counts, metrics, packing)
+            except ValidationFailed:
+                # nothing downstream may train on tokens that failed their contract; the result, the Data Docs, the
+                # metrics and the dropped examples stay to explain why
+                pool.shutdown(wait=True)
+                for out in (layout.tokenized_train, layout.tokenized_val):
+                    shutil.rmtree(out, ignore_errors=True)
+                raise
+        if packing is not None:
+            packing.result()  # its error, if the suite did not already raise it
     finally:
+        pool.shutdown(wait=True)  # the packing thread reads the work folder
         shutil.rmtree(layout.tokenize_work, ignore_errors=True)
-    layout.tokenize_dropped.write_text("".join(dropped_lines), encoding="utf-8")
-    vocab = {"vocab_size": len(tokenizer),
-             "padded_vocab_size": padded_vocab_size(tokenizer, cfg.model.pad_vocab_size_multiple)}
-    metrics = _metrics(cfg, stats, counts, dropped_lines, vocab)
-    layout.tokenize_metrics.write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
-    with timer("validate"):
-        try:
-            validation = _validate(cfg, layout, stats, counts, metrics)
-        except ValidationFailed:
-            # nothing downstream may train on tokens that failed their contract; the result, the Data Docs, the
-            # metrics and the dropped examples stay to explain why
-            for out in (layout.tokenized_train, layout.tokenized_val):
-                shutil.rmtree(out, ignore_errors=True)
-            raise
     return StageResult(
         stage="tokenize",
         outputs={"tokenizer": layout.tokenizer, "train": layout.tokenized_train, "val": layout.tokenized_val,
@@ -399,29 +411,51 @@ def _encode_split(path: Path, encoder: ChatEncoder, max_length: int, num_proc: i
 
 
 # --------------------------------------------------------------------------------------------------- packing
-def _pack(examples: Dataset, max_length: int, work: Path, special: SpecialIds) -> tuple[Dataset, dict[str, Any]]:
-    """Pack examples shard by shard into an Arrow stream file under `work`; returns the memory-mapped dataset and its
-    counts (`{"rows", "packed": packed_row_stats per row + num_examples}`), taken from each shard as it is packed."""
+def _plan(lengths: np.ndarray, max_length: int) -> list[list[list[int]]]:
+    """The bins of each shard of `PACK_SHARD_EXAMPLES` examples (`plan_bins`; indices within the shard), from the
+    examples' lengths in dataset order."""
+    return [plan_bins(lengths[k:k + PACK_SHARD_EXAMPLES], max_length)
+            for k in range(0, len(lengths), PACK_SHARD_EXAMPLES)]
+
+
+def _plan_fingerprint(plans: list[list[list[int]]]) -> str:
+    """sha256 of the plan (every bin's example indices, in order): the packed batches' key in the token suite's
+    content-addressed run id (the packed rows are these bins of the examples, whose frames the run id hashes)."""
+    import hashlib
+
+    h = hashlib.sha256(f"shard={PACK_SHARD_EXAMPLES}".encode())
+    for bins in plans:
+        h.update(np.array([len(b) for b in bins], np.int64).tobytes())
+        h.update(np.fromiter((i for b in bins for i in b), np.int64).tobytes())
+    return h.hexdigest()
+
+
+def _pack(examples: Dataset, plans: list[list[list[int]]], max_length: int, work: Path, special: SpecialIds,
+          out: Path, timer: _Timer) -> dict[str, np.ndarray]:
+    """Pack the examples shard by shard with `plans` (one per shard, non-empty) into an Arrow stream file under
+    `work` and save the packed dataset to `out`; returns `packed_row_stats` per row + `num_examples`, taken from
+    each shard as it is packed. Runs in the packing thread: its phases (`pack`, `save_packed`) overlap the main
+    thread's."""
     import pyarrow as pa
     from datasets import Dataset
 
     path = work / "train-packed.arrow"
     writer = None
     parts = []
-    source = examples.select_columns(["input_ids", "labels", "source"]).with_format("arrow")  # sources: curves
-    for shard in source.iter(batch_size=PACK_SHARD_EXAMPLES):
-        packed = pack_table(shard, max_length)
-        parts.append(packed_row_stats(packed.column("input_ids"), packed.column("labels"),
-                                      packed.column("position_ids"), special)
-                     | {"num_examples": packed.column("num_examples").to_numpy()})
-        if writer is None:
-            writer = pa.ipc.new_stream(str(path), packed.schema)
-        writer.write_table(packed)
-    if writer is None:
-        raise DataError("tokenize: no train example left to pack")
-    writer.close()
-    dataset = Dataset.from_file(str(path))
-    return dataset, {"rows": len(dataset), "packed": {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}}
+    with timer("pack"):
+        source = examples.select_columns(["input_ids", "labels", "source"]).with_format("arrow")  # sources: curves
+        for shard, bins in zip(source.iter(batch_size=PACK_SHARD_EXAMPLES), plans, strict=True):
+            packed = pack_table(shard, max_length, bins)
+            parts.append(packed_row_stats(packed.column("input_ids"), packed.column("labels"),
+                                          packed.column("position_ids"), special)
+                         | {"num_examples": packed.column("num_examples").to_numpy()})
+            if writer is None:
+                writer = pa.ipc.new_stream(str(path), packed.schema)
+            writer.write_table(packed)
+        writer.close()
+    with timer("save_packed"):
+        Dataset.from_file(str(path)).save_to_disk(str(out))
+    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
 
 # --------------------------------------------------------------------------------------------------- statistics
@@ -465,9 +499,8 @@ def _metrics(cfg: Config, stats: dict[str, pd.DataFrame], counts: dict[str, dict
         drops = [d for d in dropped if d["split"] == split]
         entry = _rates(df, sum(mix_rows.values()), len(drops))
         entry["rows"] = counts[split]["rows"]
-        if "packed" in counts[split]:
-            p = counts[split]["packed"]
-            entry["fill"] = round(int(p["num_tokens"].sum()) / (len(p["num_tokens"]) * t.max_length), 6)
+        if split == "train" and t.packing:  # the plan's rows (the token suite checks that they hold every token)
+            entry["fill"] = round(entry["tokens"] / (counts[split]["rows"] * t.max_length), 6)
         entry["sources"] = {
             source: _rates(df[df["source"] == source], mix_rows.get(source, 0),
                            sum(1 for d in drops if d["source"] == source))
@@ -478,8 +511,10 @@ def _metrics(cfg: Config, stats: dict[str, pd.DataFrame], counts: dict[str, dict
 
 
 def _validate(cfg: Config, layout: Layout, stats: dict[str, pd.DataFrame], counts: dict[str, dict[str, Any]],
-              metrics: dict[str, Any]) -> dict[str, Any]:
-    """The token-level suite through the shared GX harness (`orca8k.validation.token_suite`); raises on failure."""
-    from orca8k.validation.token_suite import validate_tokens
+              metrics: dict[str, Any], packing: Future | None) -> dict[str, Any]:
+    """The token-level suite through the shared GX harness (`orca8k.validation.token_suite`); raises on failure.
+    The packed batches come last and wait for `packing` (its result: the packed rows' statistics)."""
+    from orca8k.validation.token_suite import PackedRows, validate_tokens
 
-    return validate_tokens(cfg, layout, stats, counts["train"].get("packed"), metrics)
+    packed = None if packing is None else PackedRows(packing.result, counts["train"]["plan_fingerprint"])
+    return validate_tokens(cfg, layout, stats, packed, metrics)

@@ -44,6 +44,10 @@ Design:
 - The run id is content-addressed: a hash of the suites' expectation configs, the validated frames and the GX
   version. The same data and checks give the same run id and a byte-identical result JSON (so DVC does not rerun
   downstream stages after a no-op re-validation); the wall-clock time lives only in Data Docs.
+- A batch may be *deferred*: its `dataframe` a callable, called when the batch's turn comes, so the batches before
+  it are validated while another thread still produces it (`tokenize` packs while its examples are checked). The
+  run id, needed before the first batch runs, then hashes the batch's `fingerprint` instead of its frame: a key of
+  everything the frame is derived from.
 
 Reference: Great Expectations 1.x API (`ValidationDefinition`, `ExpectationSuite`, Data Docs site builder).
 """
@@ -57,7 +61,7 @@ import json
 import os
 import shutil
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -139,18 +143,30 @@ class Batch:
     Args:
         name: GX data asset name, e.g. `orca-chat.train` (no `/` or `\\`); names Data Docs pages and the summary.
         suite: the suite to run.
-        dataframe: scalar columns only (derived columns; no lists).
+        dataframe: scalar columns only (derived columns; no lists); or, for a deferred batch, a callable returning
+            it, called once, when the batch's turn comes.
         id_column: column whose values identify failing rows in examples (None: report values only).
+        fingerprint: a deferred batch's content key for the run id (required then; ignored otherwise).
+
+    Raises:
+        ValueError: a `/` or `\\` in the name, or a deferred batch without a fingerprint.
     """
 
     name: str
     suite: Suite
-    dataframe: pd.DataFrame
+    dataframe: pd.DataFrame | Callable[[], pd.DataFrame]
     id_column: str | None = "id"
+    fingerprint: str | None = None
 
     def __post_init__(self) -> None:
         if "/" in self.name or "\\" in self.name:
             raise ValueError(f"batch name {self.name!r}: no '/' or '\\' (Data Docs file keys)")
+        if self.deferred and not self.fingerprint:
+            raise ValueError(f"batch {self.name!r}: a deferred dataframe needs a fingerprint (the run id hashes it)")
+
+    @property
+    def deferred(self) -> bool:
+        return callable(self.dataframe)
 
 
 @dataclass
@@ -204,7 +220,8 @@ def frame_fingerprint(df: pd.DataFrame) -> str:
 
 
 def content_run_id(run_name: str, batches: Sequence[Batch], extra: Any = None) -> str:
-    """`<run_name>-<16 hex>`: a hash of each batch's name, suite (expectation configs), data and the GX version."""
+    """`<run_name>-<16 hex>`: a hash of each batch's name, suite (expectation configs), data (a deferred batch:
+    its fingerprint) and the GX version."""
     import great_expectations as gx
 
     h = hashlib.sha256(f"gx={gx.__version__}".encode())
@@ -213,7 +230,7 @@ def content_run_id(run_name: str, batches: Sequence[Batch], extra: Any = None) -
         for e in exps:
             e.pop("id", None)
         h.update(json.dumps([b.name, b.suite.name, b.id_column, exps], sort_keys=True, default=str).encode())
-        h.update(frame_fingerprint(b.dataframe).encode())
+        h.update((f"deferred:{b.fingerprint}" if b.deferred else frame_fingerprint(b.dataframe)).encode())
     h.update(json.dumps(extra, sort_keys=True, default=str).encode())
     return f"{run_name}-{h.hexdigest()[:16]}"
 
@@ -268,7 +285,8 @@ def run_validation(
     """Validate each batch against its suite in one GX run, and build the Data Docs site.
 
     Args:
-        batches: the batches; names unique. Suites may be shared by several batches (train and val, say).
+        batches: the batches, validated in order; names unique. Suites may be shared by several batches (train
+            and val, say). A deferred batch's frame is produced when its turn comes (put such batches last).
         run_name: prefix of the run id (`mix`, `tokens`).
         data_docs_dir: folder of the Data Docs site; emptied first (stale pages from an older run would otherwise
             stay). None skips Data Docs (tests of suites alone).
@@ -306,6 +324,7 @@ def run_validation(
     checks: list[CheckResult] = []
     batch_info: dict[str, dict[str, Any]] = {}
     for batch in batches:
+        frame = batch.dataframe() if batch.deferred else batch.dataframe
         suite_checks = batch.suite.all_checks()
         if batch.suite.name not in suites:
             suites[batch.suite.name] = ctx.suites.add(
@@ -319,7 +338,7 @@ def run_validation(
         if batch.id_column:
             result_format["unexpected_index_column_names"] = [batch.id_column]
         gx_result = definition.run(
-            batch_parameters={"dataframe": batch.dataframe}, result_format=result_format, run_id=run.run_identifier
+            batch_parameters={"dataframe": frame}, result_format=result_format, run_id=run.run_identifier
         )
         by_name = {c.name: c for c in suite_checks}
         results = {r.expectation_config.meta["check"]: r for r in gx_result.results}
@@ -327,7 +346,7 @@ def run_validation(
         checks.extend(batch_checks)
         batch_info[batch.name] = {
             "suite": batch.suite.name,
-            "rows": int(len(batch.dataframe)),
+            "rows": int(len(frame)),
             "success": all(c.success for c in batch_checks),
         }
         if data_docs_dir is not None:

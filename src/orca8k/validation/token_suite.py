@@ -24,6 +24,9 @@ Result JSON: `layout.token_validation_result`; Data Docs: `layout.token_data_doc
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import great_expectations.expectations as gxe
@@ -150,9 +153,23 @@ def packed_frames(packed: dict[str, np.ndarray], stats: pd.DataFrame) -> tuple[p
     return df, totals
 
 
-def build_token_batches(cfg: Config, stats: dict[str, pd.DataFrame], packed: dict[str, np.ndarray] | None,
-                        metrics: dict[str, Any]) -> list[Batch]:
-    """The batches of the token suite (see the module docstring)."""
+@dataclass(frozen=True)
+class PackedRows:
+    """The packed rows' statistics while they are still being produced (`tokenize` packs in a thread).
+
+    Args:
+        stats: returns `packed_row_stats` per row + `num_examples` (waiting for them; raising what packing raised).
+        fingerprint: the packing plan's hash, which the run id hashes for the deferred packed batches.
+    """
+
+    stats: Callable[[], dict[str, np.ndarray]]
+    fingerprint: str
+
+
+def build_token_batches(cfg: Config, stats: dict[str, pd.DataFrame],
+                        packed: dict[str, np.ndarray] | PackedRows | None, metrics: dict[str, Any]) -> list[Batch]:
+    """The batches of the token suite (see the module docstring); with `PackedRows`, the two packed batches come
+    last and are deferred (`orca8k.validation.harness.Batch`) until its statistics are ready."""
     t = cfg.tokenize
     suites = {"chat": chat_suite(t.max_length, t.train_on_system), "text": text_suite(t.max_length)}
     batches = []
@@ -164,15 +181,21 @@ def build_token_batches(cfg: Config, stats: dict[str, pd.DataFrame], packed: dic
             batches.append(Batch(f"{source}.{split}", suites[kind], df.reset_index(drop=True), id_column="id"))
     batches.append(Batch("sources", sources_suite(t.min_supervised_share, t.max_supervised_share),
                          rates_frame(metrics), id_column="id"))
-    if packed is not None:
+    if isinstance(packed, PackedRows):
+        frames = functools.cache(lambda: packed_frames(packed.stats(), stats["train"]))
+        batches.append(Batch("packed", packed_suite(t.max_length), lambda: frames()[0], id_column="id",
+                             fingerprint=f"packed:{packed.fingerprint}"))
+        batches.append(Batch("packing", packing_totals_suite(), lambda: frames()[1], id_column=None,
+                             fingerprint=f"packing:{packed.fingerprint}"))
+    elif packed is not None:
         rows, totals = packed_frames(packed, stats["train"])
         batches.append(Batch("packed", packed_suite(t.max_length), rows, id_column="id"))
         batches.append(Batch("packing", packing_totals_suite(), totals, id_column=None))
     return batches
 
 
-def validate_tokens(cfg: Config, layout: Layout, stats: dict[str, pd.DataFrame], packed: dict[str, np.ndarray] | None,
-                    metrics: dict[str, Any]) -> dict[str, Any]:
+def validate_tokens(cfg: Config, layout: Layout, stats: dict[str, pd.DataFrame],
+                    packed: dict[str, np.ndarray] | PackedRows | None, metrics: dict[str, Any]) -> dict[str, Any]:
     """Run the token suite, write its result JSON and Data Docs, and stop the stage on failure.
 
     Returns:

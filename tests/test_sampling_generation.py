@@ -153,6 +153,16 @@ def test_finished_rows_leave_the_batch_and_greedy_outputs_stay_the_same(trained)
     # every 3 tokens: after 3, the four rows of 2-3 tokens leave; after 9, those of 7-8; the 21-token row runs alone
     assert rows[3] == [8] * 3 + [4] * 6 + [1] * 12
     assert sum(rows[3]) == 60 < sum(rows[None]) == 168
+    # one prompt at a time there is no row to drop: one generate call per prompt, whatever compact_every
+    calls = []
+    generate = model.generate
+    model.generate = lambda *a, **kw: calls.append(tuple(kw["input_ids"].shape)) or generate(*a, **kw)
+    try:
+        alone = generate_batched(model, tok, prompts, config, batch_size=1, compact_every=1)
+    finally:
+        del model.generate
+    assert [g.token_ids for g in alone] == reference
+    assert sorted(calls) == sorted((1, len(p)) for p in prompts)  # one call each (in longest-first order)
 
 
 def _partition_cost(lengths, groups, pass_cost):

@@ -221,8 +221,9 @@ def generate_batched(
         seed: seeds torch's generator before the first batch (None leaves it as it is).
         compact_every: new tokens per `generate` call; finished rows leave the batch between calls (see the module
             docstring). None: one call per batch, finished rows kept to the end (transformers' behaviour). Ignored
-            (None) for beam search, whose rows are not independent prompts, and without a dynamic KV cache
-            (`use_cache=False`, a `cache_implementation` such as "static").
+            (None) for a batch of one row (nothing to drop; the same outputs, sampled ones included), for beam
+            search, whose rows are not independent prompts, and without a dynamic KV cache (`use_cache=False`, a
+            `cache_implementation` such as "static").
 
     Returns:
         One `Generation` per prompt, in order.
@@ -315,7 +316,7 @@ def _generate_compacting(model: PreTrainedModel, input_ids: Any, attention_mask:
     import torch
 
     total = generation_config.max_new_tokens
-    if (compact_every is None or (generation_config.num_beams or 1) > 1
+    if (compact_every is None or input_ids.shape[0] == 1 or (generation_config.num_beams or 1) > 1
             or generation_config.use_cache is False or generation_config.cache_implementation not in (None, "dynamic")):
         out = model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=generation_config)
         return out[:, input_ids.shape[1]:].tolist()  # [batch, new_tokens]

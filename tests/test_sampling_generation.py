@@ -245,6 +245,18 @@ def test_join_prefilled_pads_caches_on_the_left():
     assert _join_prefilled([parts[0], (torch.tensor([1]), seq2, sliding)], 6, pad=2) is None
 
 
+def test_compacting_calls_do_not_make_generate_warn(trained):
+    from transformers.testing_utils import CaptureLogger
+    from transformers.utils import logging
+
+    model, tok = trained
+    enc, prompts, config = _greedy_qa(model, tok)
+    assert config.min_new_tokens is None and config.min_length is not None  # what made every call warn
+    with CaptureLogger(logging.get_logger("transformers.generation.utils")) as captured:
+        generate_batched(model, tok, prompts, config, batch_size=len(prompts), compact_every=2)
+    assert "min_new_tokens" not in captured.out and "min_length" not in captured.out
+
+
 @pytest.mark.parametrize("pass_cost", [64, 0])  # 0: the four prompt lengths prefill apart
 def test_min_new_tokens_holds_across_compacting_calls(trained, monkeypatch, pass_cost):
     import orca8k.sampling.generation as generation

@@ -330,6 +330,8 @@ def _generate_compacting(model: PreTrainedModel, input_ids: Any, attention_mask:
         # 0, not None, once the minimum is met: generate fills None from the model's own generation_config (a
         # registered model carries the report's `min_new_tokens`), which would block `</s>` again in every call
         step.min_new_tokens = min(step.max_new_tokens, max(0, min_new - done))
+        step.min_length = None  # min_new_tokens rules (an absolute min_length is refused above); a set min_length
+        # beside it only makes generate warn on every call
         step.return_dict_in_generate = True
         out = model.generate(input_ids=sequences, attention_mask=mask, generation_config=step, cache=cache)
         return out.sequences, out.cache, step.max_new_tokens

@@ -298,8 +298,40 @@ def test_an_error_in_the_packing_thread_stops_the_stage_and_the_work_folder_goes
         run_stage("tokenize", cfg)
     layout = Layout.from_config(cfg)
     assert not layout.tokenize_work.exists()
-    assert not layout.tokenized_train.exists()  # never saved
+    assert not layout.tokenized_train.exists() and not layout.tokenized_val.exists()  # nothing unchecked stays
     assert not layout.token_validation_result.exists()  # the suite stopped at the packed batch, before its result
+
+
+def test_a_rerun_writes_the_same_bytes_except_the_data_docs(packed_run):
+    """Downstream stages depend on train/, val/, tokenizer/ and the result: a rerun on the same inputs must not make
+    them stale (the packed set's datasets fingerprint comes from the plan; Data Docs pages carry the run time)."""
+    import hashlib
+
+    from orca8k.stages import run_stage
+
+    cfg, _ = packed_run
+    tokenized = Layout.from_config(cfg).tokenized
+
+    def digests() -> dict[str, str]:
+        return {p.relative_to(tokenized).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+                for p in sorted(tokenized.rglob("*")) if p.is_file() and "data_docs" not in p.parts}
+
+    first = digests()
+    assert "train/state.json" in first and "validation/result.json" in first
+    run_stage("tokenize", cfg)
+    assert digests() == first
+
+
+def test_an_empty_split_is_named(tmp_path, base_tokenizer_dir):
+    import pyarrow.parquet as pq
+
+    from orca8k.stages import run_stage
+
+    cfg = prepare_run(tmp_path, base_tokenizer_dir, [f"tokenize.max_length={MAX_LENGTH}"])
+    val = Layout.from_config(cfg).mix_val
+    pq.write_table(pq.read_table(val).slice(0, 0), val)
+    with pytest.raises(DataError, match=r"val.parquet: the val split of the mix has no rows"):
+        run_stage("tokenize", cfg)
 
 
 def test_the_token_suite_catches_broken_masks_positions_and_lost_tokens(tokenizer):

@@ -191,6 +191,22 @@ def test_missing_inputs_name_the_upstream_stage(tmp_path, train_inputs, tracking
         run_stage("train", cfg)
 
 
+def test_tokens_the_suite_did_not_pass_are_refused(tmp_path, train_inputs, tracking_store):
+    from orca8k.errors import ValidationFailed
+
+    tokenized = tmp_path / "tokenized"
+    shutil.copytree(train_inputs / "tokenized", tokenized)
+    cfg = _cfg(tmp_path, train_inputs, tracking_store, **{"paths.tokenized": str(tokenized)})
+    result = tokenized / "validation" / "result.json"
+    result.write_text('{"success": false, "run_id": "tokens-x"}')
+    with pytest.raises(ValidationFailed, match="failed its token-level checks"):
+        run_stage("train", cfg)
+    result.unlink()  # an interrupted tokenize: data without a result
+    with pytest.raises(StageInputMissing, match="never checked"):
+        run_stage("train", cfg)
+    assert not Layout.from_config(cfg).model.exists()
+
+
 def _packed_inputs(tmp_path, train_inputs):
     """A tokenized folder under `tmp_path` whose train split is the fixture's examples packed into rows of 128
     (val and tokenizer copied as they are); returns (folder, examples, packed rows)."""
@@ -203,6 +219,7 @@ def _packed_inputs(tmp_path, train_inputs):
     tokenized = tmp_path / "tokenized"
     shutil.copytree(train_inputs / "tokenized" / "val", tokenized / "val")
     shutil.copytree(train_inputs / "tokenized" / "tokenizer", tokenized / "tokenizer")
+    shutil.copytree(train_inputs / "tokenized" / "validation", tokenized / "validation")
     Dataset.from_list(packed).save_to_disk(str(tokenized / "train"))
     return tokenized, examples, packed
 

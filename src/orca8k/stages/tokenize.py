@@ -30,6 +30,7 @@ import contextlib
 import json
 import os
 import shutil
+import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -76,8 +77,12 @@ def run(cfg: Config) -> StageResult:
     Raises:
         StageInputMissing: the mix, the validation result or the base tokenizer is missing.
         ValidationFailed: the mix's validation result is not a success, or the token-level suite fails (its result,
-            Data Docs and the metrics are still written; the train/val datasets are removed).
-        DataError: a mix row breaks the input contract; the message names the file, the row id and the field.
+            Data Docs and the metrics are still written).
+        DataError: a mix row breaks the input contract (the message names the file, the row id and the field), or
+            a split has no rows.
+
+    On any failure or interrupt the train/val datasets are removed (the packing thread is stopped first): only
+    tokens that passed the suite stay, and `orca8k train` refuses data without a passing result.
     """
     layout = Layout.from_config(cfg)
     t = cfg.tokenize
@@ -99,6 +104,7 @@ def run(cfg: Config) -> StageResult:
     # release the GIL); the token suite's packed batches wait for it
     pool = ThreadPoolExecutor(1, thread_name_prefix="orca8k-pack")
     packing: Future | None = None
+    stop = threading.Event()
     try:
         for split, path in (("train", layout.mix_train), ("val", layout.mix_val)):
             with timer(f"encode_{split}"), _rust_threads(t.num_proc == 1):
@@ -114,7 +120,8 @@ def run(cfg: Config) -> StageResult:
                 if not plans:
                     raise DataError(f"{path}: no train example left to pack")
                 counts[split] = {"rows": sum(map(len, plans)), "plan_fingerprint": _plan_fingerprint(plans)}
-                packing = pool.submit(_pack, examples, plans, t.max_length, layout.tokenize_work, special, out, timer)
+                packing = pool.submit(_pack, examples, plans, t.max_length, layout.tokenize_work, special, out, timer,
+                                      counts[split]["plan_fingerprint"], stop)
             else:
                 with timer("save"):
                     examples.save_to_disk(str(out))
@@ -127,17 +134,18 @@ def run(cfg: Config) -> StageResult:
         metrics = _metrics(cfg, stats, counts, dropped_lines, vocab)
         layout.tokenize_metrics.write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
         with timer("validate"):
-            try:
-                validation = _validate(cfg, layout, stats, counts, metrics, packing)
-            except ValidationFailed:
-                # nothing downstream may train on tokens that failed their contract; the result, the Data Docs, the
-                # metrics and the dropped examples stay to explain why
-                pool.shutdown(wait=True)
-                for out in (layout.tokenized_train, layout.tokenized_val):
-                    shutil.rmtree(out, ignore_errors=True)
-                raise
+            validation = _validate(cfg, layout, stats, counts, metrics, packing)
         if packing is not None:
             packing.result()  # its error, if the suite did not already raise it
+    except BaseException:
+        # nothing downstream may train on tokens that failed their contract or were never checked (an error, an
+        # interrupt): train/val go; after a failed suite, its result, the Data Docs, the metrics and the dropped
+        # examples stay to explain why
+        stop.set()
+        pool.shutdown(wait=True)
+        for out in (layout.tokenized_train, layout.tokenized_val):
+            shutil.rmtree(out, ignore_errors=True)
+        raise
     finally:
         pool.shutdown(wait=True)  # the packing thread reads the work folder
         shutil.rmtree(layout.tokenize_work, ignore_errors=True)
@@ -386,6 +394,8 @@ def _encode_split(path: Path, encoder: ChatEncoder, max_length: int, num_proc: i
     from datasets import Dataset
 
     table = pq.read_table(path, columns=["id", "source", "kind", "messages", "text"])
+    if table.num_rows == 0:
+        raise DataError(f"{path}: the {split} split of the mix has no rows")
     work.mkdir(parents=True, exist_ok=True)
     function = EncodeBatches(encoder, max_length, str(path), prefetch=table if num_proc <= 1 else None)
     try:
@@ -431,13 +441,19 @@ def _plan_fingerprint(plans: list[list[list[int]]]) -> str:
 
 
 def _pack(examples: Dataset, plans: list[list[list[int]]], max_length: int, work: Path, special: SpecialIds,
-          out: Path, timer: _Timer) -> dict[str, np.ndarray]:
+          out: Path, timer: _Timer, plan_fingerprint: str, stop: threading.Event) -> dict[str, np.ndarray]:
     """Pack the examples shard by shard with `plans` (one per shard, non-empty) into an Arrow stream file under
-    `work` and save the packed dataset to `out`; returns `packed_row_stats` per row + `num_examples`, taken from
-    each shard as it is packed. Runs in the packing thread: its phases (`pack`, `save_packed`) overlap the main
-    thread's."""
+    `work` and save the packed dataset to `out` (its datasets fingerprint from the plan's, so the saved bytes are
+    the same on every run); returns `packed_row_stats` per row + `num_examples`, taken from each shard as it is
+    packed. Runs in the packing thread: its phases (`pack`, `save_packed`) overlap the main thread's; `stop` (the
+    main thread failed or was interrupted) ends it before the next shard, without saving.
+
+    Raises:
+        _PackingStopped: `stop` was set.
+    """
     import pyarrow as pa
     from datasets import Dataset
+    from datasets.table import MemoryMappedTable
 
     path = work / "train-packed.arrow"
     writer = None
@@ -445,6 +461,8 @@ def _pack(examples: Dataset, plans: list[list[list[int]]], max_length: int, work
     with timer("pack"):
         source = examples.select_columns(["input_ids", "labels", "source"]).with_format("arrow")  # sources: curves
         for shard, bins in zip(source.iter(batch_size=PACK_SHARD_EXAMPLES), plans, strict=True):
+            if stop.is_set():
+                raise _PackingStopped
             packed = pack_table(shard, max_length, bins)
             parts.append(packed_row_stats(packed.column("input_ids"), packed.column("labels"),
                                           packed.column("position_ids"), special)
@@ -453,9 +471,16 @@ def _pack(examples: Dataset, plans: list[list[list[int]]], max_length: int, work
                 writer = pa.ipc.new_stream(str(path), packed.schema)
             writer.write_table(packed)
         writer.close()
+    if stop.is_set():
+        raise _PackingStopped
     with timer("save_packed"):
-        Dataset.from_file(str(path)).save_to_disk(str(out))
+        dataset = Dataset(MemoryMappedTable.from_file(str(path)), fingerprint=f"orca8k-packed-{plan_fingerprint[:16]}")
+        dataset.save_to_disk(str(out))
     return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+
+class _PackingStopped(Exception):
+    """The packing thread stopped early because the stage failed or was interrupted."""
 
 
 # --------------------------------------------------------------------------------------------------- statistics

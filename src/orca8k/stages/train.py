@@ -40,7 +40,8 @@ def run(cfg: Config) -> StageResult:
         tokens/s). On ranks other than 0 the outputs are empty (they write nothing).
 
     Raises:
-        StageInputMissing: tokenized data, tokenizer or base missing.
+        StageInputMissing: tokenized data, its token validation result, tokenizer or base missing.
+        ValidationFailed: the token validation result of `orca8k tokenize` is not a success.
         ConfigError: a DeepSpeed config that contradicts params, or launcher settings that cannot work.
         TrainingError: a dtype mismatch before step 0; a non-finite loss or repeated skipped steps (naming the
             step); a launched process that failed.

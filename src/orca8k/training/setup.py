@@ -97,7 +97,8 @@ def build_trainer(cfg: Config, layout: Layout) -> TrainSetup:
     """Load inputs, check the setup and build the trainer with its callbacks (see the module docstring).
 
     Raises:
-        StageInputMissing: tokenized data, tokenizer or base missing.
+        StageInputMissing: tokenized data, its token validation result, tokenizer or base missing.
+        ValidationFailed: the token validation result is not a success.
         DataError: tokenized data without the required columns.
         ConfigError: a DeepSpeed config that contradicts params.
         TrainingError: a dtype mismatch between model, Trainer flags and DeepSpeed config.
@@ -117,12 +118,13 @@ def build_trainer(cfg: Config, layout: Layout) -> TrainSetup:
         training_arguments,
     )
     from orca8k.training.callbacks import CheckpointCallback, FactsCallback, GuardCallback, LogPrinterCallback
-    from orca8k.training.data import eval_sets_by_source, load_tokenized
+    from orca8k.training.data import eval_sets_by_source, load_tokenized, require_token_validation
     from orca8k.training.facts import count_tokens, counts_from_metrics, derived_facts, format_facts
     from orca8k.training.trainer import Orca8kTrainer, SourceTokensSeen
 
     hf_logging.disable_progress_bar()
     t = cfg.train
+    require_token_validation(layout.token_validation_result)
     train_ds = load_tokenized(layout.tokenized_train, "train")
     eval_sets = eval_sets_by_source(load_tokenized(layout.tokenized_val, "val"))
     tokenizer = load_tokenizer(layout.tokenizer)

@@ -4,6 +4,7 @@ input contracts, and the independent token statistics the validation suite relie
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -300,6 +301,32 @@ def test_an_error_in_the_packing_thread_stops_the_stage_and_the_work_folder_goes
     assert not layout.tokenize_work.exists()
     assert not layout.tokenized_train.exists() and not layout.tokenized_val.exists()  # nothing unchecked stays
     assert not layout.token_validation_result.exists()  # the suite stopped at the packed batch, before its result
+
+
+def test_a_save_error_after_the_suite_passed_removes_the_data_and_its_result(tmp_path, base_tokenizer_dir,
+                                                                             monkeypatch):
+    """The packing thread hands its statistics to the suite before it saves the last shard: a failure there comes
+    after a passing suite, and still leaves nothing for train (no data, no result vouching for it)."""
+    from datasets import Dataset
+
+    from orca8k.stages import run_stage
+
+    save = Dataset.save_to_disk
+
+    def failing_save(self, path, *args, **kwargs):
+        if Path(path).name == "train":
+            raise OSError("no space left on device")
+        return save(self, path, *args, **kwargs)
+
+    monkeypatch.setattr(Dataset, "save_to_disk", failing_save)
+    cfg = prepare_run(tmp_path, base_tokenizer_dir, [f"tokenize.max_length={MAX_LENGTH}", "tokenize.packing=true"])
+    with pytest.raises(OSError, match="no space left"):
+        run_stage("tokenize", cfg)
+    layout = Layout.from_config(cfg)
+    assert (layout.token_data_docs / "index.html").is_file()  # the suite ran to the end
+    assert not layout.token_validation_result.exists()
+    assert not layout.tokenized_train.exists() and not layout.tokenized_val.exists()
+    assert not layout.tokenize_work.exists()
 
 
 def test_a_rerun_writes_the_same_bytes_except_the_data_docs(packed_run):

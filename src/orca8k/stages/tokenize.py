@@ -20,8 +20,9 @@ bar): segments of a batch go through the Rust tokenizer in one call, and in one 
 a thread while this batch is assembled. Packing plans bins per shard of examples so memory stays bounded by the
 shard, not the split; the plan is made first (from the examples' lengths), then a thread materialises and saves the
 packed rows while the val split is encoded and the token suite checks the examples. The suite's packed batches come
-last and wait for that thread (the run id hashes the plan for them: `orca8k.validation.harness`, deferred batches).
-`phase_seconds` in the summary are per phase; the packing thread's (`pack`, `save_packed`) overlap the others.
+last and wait for the packed rows' statistics, which the thread hands over before it writes and saves the last
+shard (the run id hashes the plan for them: `orca8k.validation.harness`, deferred batches). `phase_seconds` in the
+summary are per phase; the packing thread's (`pack`, `save_packed`) overlap the others.
 """
 
 from __future__ import annotations
@@ -103,7 +104,8 @@ def run(cfg: Config) -> StageResult:
     # packing runs in this thread while the val split is encoded and the examples are validated (Arrow and numpy
     # release the GIL); the token suite's packed batches wait for it
     pool = ThreadPoolExecutor(1, thread_name_prefix="orca8k-pack")
-    packing: Future | None = None
+    packing: Future | None = None  # the packing thread's work; `packed_stats` its statistics, ready before it ends
+    packed_stats: Future | None = None
     stop = threading.Event()
     try:
         for split, path in (("train", layout.mix_train), ("val", layout.mix_val)):
@@ -120,8 +122,9 @@ def run(cfg: Config) -> StageResult:
                 if not plans:
                     raise DataError(f"{path}: no train example left to pack")
                 counts[split] = {"rows": sum(map(len, plans)), "plan_fingerprint": _plan_fingerprint(plans)}
+                packed_stats = Future()
                 packing = pool.submit(_pack, examples, plans, t.max_length, layout.tokenize_work, special, out, timer,
-                                      counts[split]["plan_fingerprint"], stop)
+                                      counts[split]["plan_fingerprint"], stop, packed_stats)
             else:
                 with timer("save"):
                     examples.save_to_disk(str(out))
@@ -134,17 +137,20 @@ def run(cfg: Config) -> StageResult:
         metrics = _metrics(cfg, stats, counts, dropped_lines, vocab)
         layout.tokenize_metrics.write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
         with timer("validate"):
-            validation = _validate(cfg, layout, stats, counts, metrics, packing)
+            validation = _validate(cfg, layout, stats, counts, metrics, packed_stats)
         if packing is not None:
-            packing.result()  # its error, if the suite did not already raise it
-    except BaseException:
+            with timer("wait_packing"):
+                packing.result()  # the last shard's write and the save; its error, if any
+    except BaseException as err:
         # nothing downstream may train on tokens that failed their contract or were never checked (an error, an
         # interrupt): train/val go; after a failed suite, its result, the Data Docs, the metrics and the dropped
-        # examples stay to explain why
+        # examples stay to explain why; after another error, a passing result would vouch for nothing
         stop.set()
         pool.shutdown(wait=True)
         for out in (layout.tokenized_train, layout.tokenized_val):
             shutil.rmtree(out, ignore_errors=True)
+        if not isinstance(err, ValidationFailed):
+            layout.token_validation_result.unlink(missing_ok=True)
         raise
     finally:
         pool.shutdown(wait=True)  # the packing thread reads the work folder
@@ -441,15 +447,16 @@ def _plan_fingerprint(plans: list[list[list[int]]]) -> str:
 
 
 def _pack(examples: Dataset, plans: list[list[list[int]]], max_length: int, work: Path, special: SpecialIds,
-          out: Path, timer: _Timer, plan_fingerprint: str, stop: threading.Event) -> dict[str, np.ndarray]:
+          out: Path, timer: _Timer, plan_fingerprint: str, stop: threading.Event, stats: Future) -> None:
     """Pack the examples shard by shard with `plans` (one per shard, non-empty) into an Arrow stream file under
     `work` and save the packed dataset to `out` (its datasets fingerprint from the plan's, so the saved bytes are
-    the same on every run); returns `packed_row_stats` per row + `num_examples`, taken from each shard as it is
-    packed. Runs in the packing thread: its phases (`pack`, `save_packed`) overlap the main thread's; `stop` (the
+    the same on every run). `stats` gets `packed_row_stats` per row + `num_examples`, taken from each shard as it is
+    packed, as soon as the last shard's are taken: the token suite checks them while the last shard is written and
+    saved. Runs in the packing thread: its phases (`pack`, `save_packed`) overlap the main thread's; `stop` (the
     main thread failed or was interrupted) ends it before the next shard, without saving.
 
     Raises:
-        _PackingStopped: `stop` was set.
+        _PackingStopped: `stop` was set (also set on `stats`, like any error before the statistics were ready).
     """
     import pyarrow as pa
     from datasets import Dataset
@@ -458,25 +465,32 @@ def _pack(examples: Dataset, plans: list[list[list[int]]], max_length: int, work
     path = work / "train-packed.arrow"
     writer = None
     parts = []
-    with timer("pack"):
-        source = examples.select_columns(["input_ids", "labels", "source"]).with_format("arrow")  # sources: curves
-        for shard, bins in zip(source.iter(batch_size=PACK_SHARD_EXAMPLES), plans, strict=True):
-            if stop.is_set():
-                raise _PackingStopped
-            packed = pack_table(shard, max_length, bins)
-            parts.append(packed_row_stats(packed.column("input_ids"), packed.column("labels"),
-                                          packed.column("position_ids"), special)
-                         | {"num_examples": packed.column("num_examples").to_numpy()})
-            if writer is None:
-                writer = pa.ipc.new_stream(str(path), packed.schema)
-            writer.write_table(packed)
-        writer.close()
-    if stop.is_set():
-        raise _PackingStopped
-    with timer("save_packed"):
-        dataset = Dataset(MemoryMappedTable.from_file(str(path)), fingerprint=f"orca8k-packed-{plan_fingerprint[:16]}")
-        dataset.save_to_disk(str(out))
-    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+    try:
+        with timer("pack"):
+            source = examples.select_columns(["input_ids", "labels", "source"]).with_format("arrow")  # curves
+            for k, (shard, bins) in enumerate(zip(source.iter(batch_size=PACK_SHARD_EXAMPLES), plans, strict=True)):
+                if stop.is_set():
+                    raise _PackingStopped
+                packed = pack_table(shard, max_length, bins)
+                parts.append(packed_row_stats(packed.column("input_ids"), packed.column("labels"),
+                                              packed.column("position_ids"), special)
+                             | {"num_examples": packed.column("num_examples").to_numpy()})
+                if k == len(plans) - 1:
+                    stats.set_result({key: np.concatenate([p[key] for p in parts]) for key in parts[0]})
+                if writer is None:
+                    writer = pa.ipc.new_stream(str(path), packed.schema)
+                writer.write_table(packed)
+            writer.close()
+        if stop.is_set():
+            raise _PackingStopped
+        with timer("save_packed"):
+            dataset = Dataset(MemoryMappedTable.from_file(str(path)),
+                              fingerprint=f"orca8k-packed-{plan_fingerprint[:16]}")
+            dataset.save_to_disk(str(out))
+    except BaseException as err:
+        if not stats.done():
+            stats.set_exception(err)
+        raise
 
 
 class _PackingStopped(Exception):
@@ -536,10 +550,10 @@ def _metrics(cfg: Config, stats: dict[str, pd.DataFrame], counts: dict[str, dict
 
 
 def _validate(cfg: Config, layout: Layout, stats: dict[str, pd.DataFrame], counts: dict[str, dict[str, Any]],
-              metrics: dict[str, Any], packing: Future | None) -> dict[str, Any]:
+              metrics: dict[str, Any], packed_stats: Future | None) -> dict[str, Any]:
     """The token-level suite through the shared GX harness (`orca8k.validation.token_suite`); raises on failure.
-    The packed batches come last and wait for `packing` (its result: the packed rows' statistics)."""
+    The packed batches come last and wait for `packed_stats` (the packed rows' statistics)."""
     from orca8k.validation.token_suite import PackedRows, validate_tokens
 
-    packed = None if packing is None else PackedRows(packing.result, counts["train"]["plan_fingerprint"])
+    packed = None if packed_stats is None else PackedRows(packed_stats.result, counts["train"]["plan_fingerprint"])
     return validate_tokens(cfg, layout, stats, packed, metrics)

@@ -101,8 +101,8 @@ def run(cfg: Config) -> StageResult:
     stats: dict[str, pd.DataFrame] = {}
     counts: dict[str, dict[str, Any]] = {}
     dropped_lines: list[str] = []
-    # packing runs in this thread while the val split is encoded and the examples are validated (Arrow and numpy
-    # release the GIL); the token suite's packed batches wait for it
+    # packing runs in this pool's one thread while the val split is encoded and the examples are validated (Arrow
+    # and numpy release the GIL); the token suite's packed batches wait for its statistics
     pool = ThreadPoolExecutor(1, thread_name_prefix="orca8k-pack")
     packing: Future | None = None  # the packing thread's work; `packed_stats` its statistics, ready before it ends
     packed_stats: Future | None = None

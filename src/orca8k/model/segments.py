@@ -5,7 +5,7 @@ so a message containing `<|assistant|>` or `</s>` stays plain text. The segments
 encodes text right after a special token (no `▁` dummy prefix) or at the very start (with it), so the ids equal the
 tokenizer's on the rendered string whenever the text holds no special-token strings.
 
-Long texts are encoded in pieces cut after a newline when the vocabulary allows it (`newline_is_a_boundary`): the
+Long texts are encoded in pieces cut after a newline when the vocabulary allows it (`spec_newline_is_a_boundary`): the
 ids are the same, and Llama's BPE — which runs over a whole text as one word (`Metaspace(split=False)`) with a cost
 that grows faster than the length — gets shorter words and a Rust batch that balances across threads.
 
@@ -43,16 +43,11 @@ def _set_dummy_prefix(node: Any, dummy_prefix: bool) -> Any:
     return {k: _set_dummy_prefix(v, dummy_prefix) for k, v in node.items()}
 
 
-def segment_tokenizer(tok: PreTrainedTokenizerBase, dummy_prefix: bool) -> Any:
-    """A `tokenizers.Tokenizer` over `tok`'s vocabulary for plain-text segments: special-token strings are never
-    matched (`encode_special_tokens=True`), no special tokens are added, and Llama's `▁` dummy prefix is always
-    (`dummy_prefix=True`, text at the start of a sequence) or never (text after a special token) added.
-    Used by `orca8k.data.chat_format.ChatEncoder`; ids equal `tok`'s for text without special-token strings.
-    """
-    return _segment_tokenizer(normalised_spec(json.loads(tok.backend_tokenizer.to_str())), dummy_prefix)
-
-
 def _segment_tokenizer(spec: dict[str, Any], dummy_prefix: bool) -> Any:
+    """A `tokenizers.Tokenizer` over a (normalised) spec's vocabulary for plain-text segments: special-token strings
+    are never matched, no special tokens are added, and Llama's `▁` dummy prefix is always (`dummy_prefix=True`, text
+    at the start of a sequence) or never (text after a special token) added. Ids equal the tokenizer's for text
+    without special-token strings."""
     return _plain_text_tokenizer({**spec, "pre_tokenizer": _set_dummy_prefix(spec.get("pre_tokenizer"), dummy_prefix)})
 
 
@@ -66,20 +61,15 @@ def _plain_text_tokenizer(spec: dict[str, Any]) -> Any:
     return segments
 
 
-def newline_is_a_boundary(tok: PreTrainedTokenizerBase) -> bool:
-    """Whether BPE never merges across a `\n` for this tokenizer, so text cut after a newline encodes to the same ids
-    piece by piece (with the dummy prefix only on the first piece) as in one call.
-
-    True when: the model is BPE with byte fallback, the normalizer is absent or `Replace(" ", "▁")` (per character),
-    the pre-tokenizer is `Metaspace(split=False)` (non-legacy), and no vocabulary piece other than the byte token
-    `<0x0A>` contains a newline (so no merge can involve one: it is always a byte-fallback symbol on its own).
-    Llama-2's tokenizer and the demo's (trained on lines) qualify.
-    """
-    return spec_newline_is_a_boundary(json.loads(tok.backend_tokenizer.to_str()))
-
-
 def spec_newline_is_a_boundary(spec: dict[str, Any]) -> bool:
-    """`newline_is_a_boundary` on a `tokenizers` JSON spec."""
+    """Whether BPE never merges across a `\n` for this `tokenizers` JSON spec, so text cut after a newline encodes to
+    the same ids piece by piece (with the dummy prefix only on the first piece) as in one call.
+
+    True when: the model is BPE with byte fallback, the normalizer and pre-tokenizer only do `Metaspace(split=False)`'s
+    work (`spec_metaspace_only`), and no vocabulary piece other than the byte token `<0x0A>` contains a newline (so
+    no merge can involve one: it is always a byte-fallback symbol on its own). Llama-2's tokenizer and the demo's
+    (trained on lines) qualify.
+    """
     spec = normalised_spec(spec)
     model = spec.get("model") or {}
     if model.get("type") != "BPE" or not model.get("byte_fallback") or not spec_metaspace_only(spec):
@@ -141,7 +131,8 @@ class SegmentEncoder:
     Attributes:
         first: `tokenizers.Tokenizer` for text at the start of a sequence (`▁` dummy prefix).
         inner: `tokenizers.Tokenizer` for text after a special token (no dummy prefix).
-        bare: a tokenizer without normalizer and pre-tokenizer when `spec_metaspace_only` holds (then `encode` uses it for both kinds), else None.
+        bare: a tokenizer without normalizer and pre-tokenizer when `spec_metaspace_only` holds (then `encode`
+            uses it for both kinds), else None.
         piece_chars: piece size for long texts; 0 when the vocabulary does not allow cutting after newlines.
     """
 

@@ -55,6 +55,7 @@ from orca8k.errors import DataError, StageInputMissing, ValidationFailed
 from orca8k.layout import Layout
 from orca8k.model.tokenizer import load_base_tokenizer, padded_vocab_size, prepare_tokenizer
 from orca8k.stages import StageResult
+from orca8k.validation.report import require_passed
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -214,11 +215,8 @@ def _check_inputs(layout: Layout) -> None:
     for path in (layout.mix_train, layout.mix_val):
         if not path.is_file():
             raise StageInputMissing(f"{path}: no mix (run `orca8k mix` first)")
-    if not layout.validation_result.is_file():
-        raise StageInputMissing(f"{layout.validation_result}: no validation result (run `orca8k validate` first)")
-    result = json.loads(layout.validation_result.read_text())
-    if result.get("success") is not True:
-        raise ValidationFailed(f"{layout.validation_result}: the mix failed validation; fix the data before tokenize")
+    require_passed(layout.validation_result, "no validation result (run `orca8k validate` first)",
+                   "the mix failed validation; fix the data before tokenize")
 
 
 def _base_dir(cfg: Config) -> Path:

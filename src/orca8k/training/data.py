@@ -9,31 +9,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from orca8k.errors import DataError, StageInputMissing, ValidationFailed
+from orca8k.errors import DataError, StageInputMissing
 
 if TYPE_CHECKING:
     from datasets import Dataset
 
 REQUIRED_COLUMNS = ("input_ids", "labels")
-
-
-def require_token_validation(result: Path) -> None:
-    """Refuse tokens that the token-level suite of `orca8k tokenize` did not pass (`layout.token_validation_result`):
-    a failed suite, or none at all (a tokenize run that was interrupted or failed before its suite, or data put in
-    place by hand).
-
-    Raises:
-        StageInputMissing: no result file.
-        ValidationFailed: the result is not a success.
-    """
-    import json
-
-    if not result.is_file():
-        raise StageInputMissing(f"{result}: no token validation result: the tokenized data was never checked "
-                                "(run `orca8k tokenize`)")
-    if json.loads(result.read_text()).get("success") is not True:
-        raise ValidationFailed(f"{result}: the tokenized data failed its token-level checks; fix them and rerun "
-                               "`orca8k tokenize`")
 
 
 def load_tokenized(path: Path, split: str) -> Dataset:

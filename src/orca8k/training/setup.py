@@ -118,13 +118,17 @@ def build_trainer(cfg: Config, layout: Layout) -> TrainSetup:
         training_arguments,
     )
     from orca8k.training.callbacks import CheckpointCallback, FactsCallback, GuardCallback, LogPrinterCallback
-    from orca8k.training.data import eval_sets_by_source, load_tokenized, require_token_validation
+    from orca8k.training.data import eval_sets_by_source, load_tokenized
     from orca8k.training.facts import count_tokens, counts_from_metrics, derived_facts, format_facts
     from orca8k.training.trainer import Orca8kTrainer, SourceTokensSeen
+    from orca8k.validation.report import require_passed
 
     hf_logging.disable_progress_bar()
     t = cfg.train
-    require_token_validation(layout.token_validation_result)
+    # never train on tokens the token suite did not pass (an interrupted tokenize leaves no result)
+    require_passed(layout.token_validation_result,
+                   "no token validation result: the tokenized data was never checked (run `orca8k tokenize`)",
+                   "the tokenized data failed its token-level checks; fix them and rerun `orca8k tokenize`")
     train_ds = load_tokenized(layout.tokenized_train, "train")
     eval_sets = eval_sets_by_source(load_tokenized(layout.tokenized_val, "val"))
     tokenizer = load_tokenizer(layout.tokenizer)

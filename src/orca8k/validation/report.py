@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from orca8k.errors import ValidationFailed
+from orca8k.errors import StageInputMissing, ValidationFailed
 
 RESULT_SCHEMA_VERSION = 1
 
@@ -204,3 +204,21 @@ class ValidationReport:
         """
         if not self.success:
             raise ValidationFailed(f"{where} failed validation\n{self.summary()}")
+
+
+def require_passed(result: Path, missing: str, failed: str) -> None:
+    """Stop a stage unless the result JSON at `result` (`ValidationReport.write_json`) records a success.
+
+    Args:
+        result: the result file.
+        missing: what to say when there is none (which stage writes it), after the path.
+        failed: what to say when it is not a success, after the path.
+
+    Raises:
+        StageInputMissing: no result file.
+        ValidationFailed: the result is not a success.
+    """
+    if not result.is_file():
+        raise StageInputMissing(f"{result}: {missing}")
+    if json.loads(result.read_text()).get("success") is not True:
+        raise ValidationFailed(f"{result}: {failed}")

@@ -8,8 +8,9 @@ What it does, in one process (ratios are measured within one run, so machine loa
 2. a sentencepiece tokenizer with the demo's settings on `../shared/realdata`, and the three sources encoded with the
    project's own code (`ChatEncoder.encode_rows`: length rules at `max_length`) — one example per row, as `tokenize`
    writes them before packing;
-3. the demo's model (Llama, hidden 256, 4 layers, vocab 4,096 + 5 → 4,112), fp32, sdpa, torch AdamW — a plain
-   training step (forward, `causal_lm_loss`, backward, clip, AdamW), the same work as one HF Trainer step;
+3. the demo's model (Llama, hidden 256, 4 layers, vocab 4,096 + 5 → 4,112), fp32, sdpa, torch's fused AdamW
+   (`train.optim: adamw_torch_fused`) — a plain training step (forward, `causal_lm_loss`, backward, clip, AdamW), the
+   same work as one HF Trainer step;
 4. at the demo's `max_length` (512) and at 8,192, two collations of the same examples in the same seeded order,
    trained side by side (one batch of each in turn, each on its own copy of the model, so machine load hits both):
    - `packing`: `pack_examples` rows (best-fit decreasing, `position_ids` restarts), batches of 2 rows;
@@ -115,7 +116,8 @@ class Runner:
         if compile:
             self.model.compile()
         self.batches = batches
-        self.opt = torch.optim.AdamW(self.model.parameters(), lr=1e-4, betas=(0.9, 0.95), eps=1e-12, weight_decay=0.0)
+        self.opt = torch.optim.AdamW(self.model.parameters(), lr=1e-4, betas=(0.9, 0.95), eps=1e-12, weight_decay=0.0,
+                                     fused=True)  # train.optim's default, adamw_torch_fused
         self.i = 0
         self.useful = self.positions = self.done = 0
         self.seconds = self.attn_weighted = 0.0  # Σ useful tokens × padded length, for the attention FLOPs term

@@ -202,6 +202,26 @@ def test_an_all_masked_batch_gives_loss_zero_not_nan(tokenizer):
     assert torch.isnan(model(**batch, use_cache=False).loss)  # transformers' own loss: NaN here
 
 
+def test_causal_lm_loss_is_the_mean_log_loss_of_each_next_supervised_token():
+    import torch
+
+    torch.manual_seed(0)
+    logits = torch.randn(2, 5, 7, requires_grad=True)  # [batch, seq_len, vocab]
+    # position 0's label can never be a target (nothing predicts it); the last position predicts nothing
+    labels = torch.tensor([[3, IGNORE_INDEX, 4, 5, IGNORE_INDEX], [6, 1, IGNORE_INDEX, IGNORE_INDEX, 2]])
+    log_p = logits.log_softmax(-1)
+    expected_terms = [-log_p[0, 1, 4], -log_p[0, 2, 5], -log_p[1, 0, 1], -log_p[1, 3, 2]]  # target at t + 1
+    expected = torch.stack(expected_terms).sum() / 4
+    loss = causal_lm_loss(logits, labels)
+    assert torch.allclose(loss, expected, atol=1e-6, rtol=0)
+    assert torch.allclose(causal_lm_loss(logits, labels, num_items_in_batch=8), expected / 2, atol=1e-6, rtol=0)
+    (grad,) = torch.autograd.grad(loss, logits)
+    (expected_grad,) = torch.autograd.grad(expected, logits)
+    assert torch.allclose(grad, expected_grad, atol=1e-7, rtol=0)
+    assert not grad[:, 4].any() and not grad[0, 0].any()  # positions without a target get no gradient
+    assert labels.tolist()[0][0] == 3  # the labels are not shifted in place
+
+
 def test_num_items_in_batch_weighs_every_target_equally_across_micro_batches(tokenizer):
     import torch
 

@@ -191,3 +191,17 @@ def test_launcher_command_lines(tmp_path, monkeypatch):
     assert cmd[9:] == ["--no_local_rank", "--module", "orca8k", "train", "--params", str(params)]
     single = load_config(PARAMS, ["train.launcher=deepspeed", "train.nproc_per_node=1"])
     assert not needs_relaunch(single)  # one process: no launcher needed
+
+
+@pytest.mark.parametrize(("optim", "fused"), [(None, True), ("adamw_torch", False)])
+def test_the_optimizer_is_torchs_adamw_with_the_seeds_settings_fused_by_default(tmp_path, optim, fused):
+    from transformers import Trainer
+
+    from orca8k.layout import Layout
+    from orca8k.training.arguments import training_arguments
+
+    cfg = load_config(PARAMS, [f"paths.root={tmp_path}"] + ([f"train.optim={optim}"] if optim else []))
+    args = training_arguments(cfg, Layout.from_config(cfg), None)
+    cls, kwargs = Trainer.get_optimizer_cls_and_kwargs(args)
+    assert cls is torch.optim.AdamW
+    assert kwargs == {"lr": 5e-4, "betas": (0.9, 0.95), "eps": 1e-12, **({"fused": True} if fused else {})}

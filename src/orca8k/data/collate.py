@@ -156,10 +156,12 @@ def causal_lm_loss(outputs: Any, labels: torch.Tensor, num_items_in_batch: torch
     import torch.nn.functional as F
 
     logits = outputs if isinstance(outputs, torch.Tensor) else outputs.logits
-    targets = labels[:, 1:].to(logits.device)
+    # The labels move, not the logits: position t's target is labels[t + 1], the last position's none. Slicing
+    # `logits[:, :-1]` instead would copy the whole [batch, seq_len, vocab] tensor forward and again, zero-filled, in
+    # the backward (≈ 3 % of a training step on the demo model on CPU; `benchmarks/bench_train.py`).
+    targets = F.pad(labels.to(logits.device), (0, 1), value=IGNORE_INDEX)[:, 1:]  # [batch, seq_len]
     total = F.cross_entropy(
-        logits[:, :-1].float().reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE_INDEX,
-        reduction="sum",
+        logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
     )
     count = (targets != IGNORE_INDEX).sum() if num_items_in_batch is None else num_items_in_batch
     if isinstance(count, torch.Tensor):

@@ -140,9 +140,8 @@ def check_precision(model_dtype: torch.dtype, train: TrainConfig, ds_config: dic
 def training_arguments(cfg: Config, layout: Layout, ds_config: dict[str, Any] | None) -> TrainingArguments:
     """`TrainingArguments` from `cfg.train` under their HF names, plus the settings this project fixes.
 
-    Fixed here: `seed` = `data_seed` = `cfg.seed`; torch AdamW (`adamw_torch`, or DeepSpeed's from its config);
-    steps-based eval/save/logging; `save_total_limit` is applied by `orca8k.training.checkpoints` (HF's own rotation
-    deletes the last checkpoint when the limit is 1 and the best is older); the best checkpoint by `eval_loss`;
+    Fixed here: `seed` = `data_seed` = `cfg.seed`; steps-based eval/save/logging; `save_total_limit` is applied by
+    `orca8k.training.checkpoints` (HF's own rotation deletes the last checkpoint when the limit is 1 and the best is older); the best checkpoint by `eval_loss`;
     gradient checkpointing without re-entrant autograd; loss normalised over the supervised tokens of the whole
     accumulated batch and all ranks (`average_tokens_across_devices`); no reporting integrations (MLflow goes
     through `orca8k.tracking`); logs on the main process only.
@@ -163,7 +162,7 @@ def training_arguments(cfg: Config, layout: Layout, ds_config: dict[str, Any] | 
         adam_beta2=t.adam_beta2,
         adam_epsilon=t.adam_epsilon,
         max_grad_norm=t.max_grad_norm,
-        optim="adamw_torch",
+        optim=t.optim,
         per_device_train_batch_size=t.per_device_train_batch_size,
         per_device_eval_batch_size=t.per_device_eval_batch_size,
         gradient_accumulation_steps=t.gradient_accumulation_steps,

@@ -268,13 +268,16 @@ def test_the_token_suite_passes_and_writes_its_result(packed_run):
     assert (layout.token_data_docs / "index.html").is_file()
 
 
-def test_a_share_out_of_bounds_stops_the_stage_after_writing_results(tmp_path, base_tokenizer_dir):
+def test_a_share_out_of_bounds_stops_the_stage_after_writing_results(tmp_path, base_tokenizer_dir, capsys):
     from orca8k.stages import run_stage
 
     cfg = prepare_run(tmp_path, base_tokenizer_dir, [f"tokenize.max_length={MAX_LENGTH}",
                                                      "tokenize.min_supervised_share=0.9"])
-    with pytest.raises(ValidationFailed, match=r"supervised_share"):
+    with pytest.raises(ValidationFailed, match=r"supervised_share") as raised:
         run_stage("tokenize", cfg)
+    # the failing checks are said once: in the error (the CLI prints it), not also on stdout before it
+    assert "FAILED sources: supervised_share" in str(raised.value)
+    assert "FAILED" not in capsys.readouterr().out
     layout = Layout.from_config(cfg)
     data = json.loads(layout.token_validation_result.read_text())
     failed = {(c["batch"], c["check"]) for c in data["checks"] if not c["success"]}

@@ -209,7 +209,8 @@ def validate_tokens(cfg: Config, layout: Layout, stats: dict[str, pd.DataFrame],
     rates = {f"{r['source']}.{r['split']}": {k: r[k] for k in ("split_rate", "cut_rate", "drop_rate", "supervised_share")}
              for r in rates_frame(metrics).to_dict("records")}
     report.write_json(layout.token_validation_result, extra={"rates": rates, "max_length": cfg.tokenize.max_length})
-    print(report.summary(), flush=True)
+    if report.success:  # on failure the same summary is the message of ValidationFailed (printed by the CLI)
+        print(report.summary(), flush=True)
     report.raise_for_failure(f"the tokenized data ({layout.tokenized})")
     return {"success": report.success, "run_id": report.run_id, "checks": len(report.checks),
             "failed_checks": len(report.failures()), "result": str(layout.token_validation_result)}

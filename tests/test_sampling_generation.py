@@ -165,6 +165,34 @@ def test_finished_rows_leave_the_batch_and_greedy_outputs_stay_the_same(trained)
     assert sorted(calls) == sorted((1, len(p)) for p in prompts)  # one call each (in longest-first order)
 
 
+def test_decoding_writes_into_one_growing_cache_per_batch(trained):
+    """Every decode step of a batch, prefill groups joined or not, and of a one-row call, runs on a
+    `GrowingKVCache` whose buffers were sized for the whole output at the start: no reallocation, no copy per token."""
+    from orca8k.sampling.kv_cache import GrowingKVCache
+
+    model, tok = trained
+    enc, prompts, config = _greedy_qa(model, tok)
+    reference = [g.token_ids for g in generate_batched(model, tok, prompts, config, batch_size=1, compact_every=None)]
+    width = max(len(p) for p in prompts)
+    for batch_size, every in ((len(prompts), 3), (len(prompts), None), (1, None)):
+        seen: list = []  # (cache object, its first layer's key buffer) of every decode step (one new position a row)
+
+        def record(_m, _a, kw, seen=seen):
+            if kw["input_ids"].shape[1] == 1:
+                seen.append((kw["cache"], kw["cache"].layers[0]._key_buffer))
+
+        hook = model.register_forward_pre_hook(record, with_kwargs=True)
+        try:
+            out = generate_batched(model, tok, prompts, config, batch_size=batch_size, compact_every=every)
+        finally:
+            hook.remove()
+        assert [g.token_ids for g in out] == reference
+        assert seen and all(type(cache) is GrowingKVCache for cache, _ in seen)
+        if batch_size > 1:  # one cache for the batch; its buffers: the batch width + max_new_tokens positions
+            assert len({id(cache) for cache, _ in seen}) == 1
+            assert {buffer.shape[2] for _, buffer in seen} == {width + config.max_new_tokens}
+
+
 def _partition_cost(lengths, groups, pass_cost):
     return sum(pass_cost + len(g) * max(lengths[i] for i in g) for g in groups)
 
@@ -221,9 +249,10 @@ def test_prompts_of_different_lengths_prefill_apart_and_decode_together(trained,
 
 def test_join_prefilled_pads_caches_on_the_left():
     import torch
-    from transformers.cache_utils import DynamicCache, DynamicLayer, DynamicSlidingWindowLayer
+    from transformers.cache_utils import DynamicCache, DynamicSlidingWindowLayer
 
     from orca8k.sampling.generation import _join_prefilled
+    from orca8k.sampling.kv_cache import GrowingKVLayer
 
     k1, v1 = torch.ones(2, 3, 4, 5), torch.full((2, 3, 4, 5), 2.0)  # a group of 2 rows, 4 positions
     k2, v2 = torch.full((1, 3, 6, 5), 3.0), torch.full((1, 3, 6, 5), 4.0)  # 1 row, 6 positions
@@ -234,7 +263,7 @@ def test_join_prefilled_pads_caches_on_the_left():
     assert rows.tolist() == [0, 2, 1]
     assert sequences.tolist() == [[2, 2, 7, 8, 9, 10, 11], [2, 2, 2, 8, 9, 10, 12], [5, 6, 7, 8, 9, 10, 13]]
     assert cache.get_seq_length() == 6 and len(cache.layers) == 2
-    assert all(type(layer) is DynamicLayer for layer in cache.layers)
+    assert all(type(layer) is GrowingKVLayer for layer in cache.layers)
     keys, values = cache.layers[1].keys, cache.layers[1].values
     assert keys.shape == values.shape == (3, 3, 6, 5)
     assert keys[:2, :, :2].eq(0).all() and keys[:2, :, 2:].eq(1).all() and keys[2].eq(3).all()

@@ -16,6 +16,9 @@ A batch pads every prompt to its longest, which makes one long prompt costly for
 prompts, one of 136 tokens among eight of 34-52 tripled the prefill's positions). So the rows are first split into
 groups of similar prompt length (`prefill_groups`); each group runs its prefill apart, and the groups' KV caches are
 left-padded to the batch width and joined before decoding goes on as one batch.
+
+Decoding writes into a `GrowingKVCache` (`orca8k.sampling.kv_cache`) sized for the batch width + `max_new_tokens`,
+instead of transformers' `DynamicCache`, which copies the whole cache at every new token.
 """
 
 from __future__ import annotations
@@ -315,10 +318,17 @@ def _generate_compacting(model: PreTrainedModel, input_ids: Any, attention_mask:
     (`_join_prefilled`), and decoding goes on as one batch, exactly as if the batch had been prefilled together."""
     import torch
 
+    from orca8k.sampling.kv_cache import GrowingKVCache
+
     total = generation_config.max_new_tokens
     if (compact_every is None or input_ids.shape[0] == 1 or (generation_config.num_beams or 1) > 1
             or generation_config.use_cache is False or generation_config.cache_implementation not in (None, "dynamic")):
-        out = model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=generation_config)
+        cache = None
+        if ((generation_config.num_beams or 1) == 1 and generation_config.use_cache is not False
+                and generation_config.cache_implementation is None):
+            cache = GrowingKVCache.for_model(model, input_ids.shape[1] + total)
+        out = model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=generation_config,
+                             **({"cache": cache} if cache is not None else {}))
         return out[:, input_ids.shape[1]:].tolist()  # [batch, new_tokens]
     width = input_ids.shape[1]
     min_new = generation_config.min_new_tokens or 0
@@ -338,7 +348,10 @@ def _generate_compacting(model: PreTrainedModel, input_ids: Any, attention_mask:
 
     new_ids: list[list[int]] = [[] for _ in range(input_ids.shape[0])]
     rows = torch.arange(input_ids.shape[0])  # the batch's rows still generating, by their index in `input_ids`
-    sequences, mask, cache, done = input_ids, attention_mask, None, 0
+    # decoding writes into buffers sized for the whole output (`kv_cache`), not a copy of the cache per token
+    # ("dynamic" named explicitly: transformers' own cache, as asked)
+    cache = GrowingKVCache.for_model(model, width + total) if generation_config.cache_implementation is None else None
+    sequences, mask, done = input_ids, attention_mask, 0
     groups = prefill_groups(attention_mask.sum(dim=1).tolist(), PREFILL_PASS_COST) if total > 1 else []
     pending = None  # the first call's (sequences, cache, tokens asked) when the groups' prefills were joined
     if len(groups) > 1:
@@ -347,7 +360,7 @@ def _generate_compacting(model: PreTrainedModel, input_ids: Any, attention_mask:
             index = torch.tensor(group, device=input_ids.device)
             w = int(attention_mask[index].sum(dim=1).max())
             parts.append((index, *call(input_ids[index, -w:], attention_mask[index, -w:], None, 0, 1)[:2]))
-        joined = _join_prefilled(parts, width, pad)
+        joined = _join_prefilled(parts, width, pad, capacity=width + total)
         if joined is not None:
             order, produced, joined_cache = joined
             rows = order.cpu()
@@ -375,7 +388,8 @@ def _generate_compacting(model: PreTrainedModel, input_ids: Any, attention_mask:
         rows = rows[keep]
 
 
-def _join_prefilled(parts: list[tuple[Any, Any, Any]], width: int, pad: int) -> tuple[Any, Any, Any] | None:
+def _join_prefilled(parts: list[tuple[Any, Any, Any]], width: int, pad: int, capacity: int = 0
+                    ) -> tuple[Any, Any, Any] | None:
     """Join the outputs of prefills run apart into one batch, as if it had been prefilled together.
 
     Args:
@@ -384,17 +398,21 @@ def _join_prefilled(parts: list[tuple[Any, Any, Any]], width: int, pad: int) -> 
         width: the batch width; every part is left-padded to it (pad ids in the sequences, zeros in the cache; the
             attention mask hides both).
         pad: the pad id.
+        capacity: positions the joined cache's buffers hold before they grow (`GrowingKVCache`).
 
     Returns:
-        (row indices [n], sequences [n, width + 1], DynamicCache of width positions), or None when a cache is not a
-        plain `DynamicCache` of full-attention layers (sliding windows, quantised layers): those cannot be padded.
+        (row indices [n], sequences [n, width + 1], `GrowingKVCache` of width positions), or None when a cache is not
+        a plain `DynamicCache` of full-attention layers (sliding windows, quantised layers): those cannot be padded.
     """
     import torch
     import torch.nn.functional as F
     from transformers.cache_utils import DynamicCache, DynamicLayer
 
+    from orca8k.sampling.kv_cache import GrowingKVCache, GrowingKVLayer
+
     caches = [cache for _, _, cache in parts]
-    if not all(type(c) is DynamicCache and all(type(layer) is DynamicLayer for layer in c.layers) for c in caches):
+    if not all(type(c) in (DynamicCache, GrowingKVCache)
+               and all(type(layer) in (DynamicLayer, GrowingKVLayer) for layer in c.layers) for c in caches):
         return None
     if any(c.get_seq_length() != seq.shape[1] - 1 for _, seq, c in parts):
         return None
@@ -406,4 +424,4 @@ def _join_prefilled(parts: list[tuple[Any, Any, Any]], width: int, pad: int) -> 
         keys = torch.cat([F.pad(k, (0, 0, width - k.shape[2], 0)) for k, _, _ in per_part])
         values = torch.cat([F.pad(v, (0, 0, width - v.shape[2], 0)) for _, v, _ in per_part])
         layers.append((keys, values))
-    return rows, sequences, DynamicCache(ddp_cache_data=layers)
+    return rows, sequences, GrowingKVCache.from_states(layers, capacity)

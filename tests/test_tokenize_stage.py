@@ -245,6 +245,15 @@ def test_packed_row_stats_see_broken_positions():
     assert s == {"num_tokens": [5, 3], "supervised_tokens": [3, 2], "segments": [2, 1], "bos_tokens": [2, 1],
                  "bos_at_restart": [2, 1], "broken_positions": [0, 1], "label_at_restart": [0, 0]}
     assert np.array_equal(np.asarray(s["segments"]), np.asarray(s["bos_at_restart"]))
+    # the same counts from chunked columns: one chunk that is a slice of a longer array (read without a copy), and
+    # two chunks (combined)
+    extra = {"input_ids": [[1, 9]], "labels": [[-100, 9]], "position_ids": [[0, 1]]}
+    sliced = {k: pa.chunked_array([pa.array(extra[k] + v, pa.list_(pa.int32())).slice(1)]) for k, v in rows.items()}
+    split = {k: pa.chunked_array([pa.array(v[:1], pa.list_(pa.int32())), pa.array(v[1:], pa.list_(pa.int32()))])
+             for k, v in rows.items()}
+    for cols in (sliced, split):
+        got = packed_row_stats(cols["input_ids"], cols["labels"], cols["position_ids"], special)
+        assert {k: v.tolist() for k, v in got.items()} == s
 
 
 # ------------------------------------------------------------------------------ the token-level suite

@@ -46,10 +46,13 @@ class SpecialIds:
 
 def _flat(column: pa.ChunkedArray | pa.Array) -> tuple[np.ndarray, np.ndarray]:
     """(flat values, offsets starting at 0 as int64) of a list column; the values stay in their Arrow type (no copy
-    for a single chunk without nulls)."""
+    for a single chunk without nulls: `combine_chunks` copies even one chunk, 0.13 s per 10 M int32 values here)."""
     import pyarrow as pa
 
-    arr = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    if isinstance(column, pa.ChunkedArray):
+        arr = column.chunk(0) if column.num_chunks == 1 else column.combine_chunks()
+    else:
+        arr = column
     offsets = arr.offsets.to_numpy().astype(np.int64)
     return arr.flatten().to_numpy(zero_copy_only=False), offsets - offsets[0]
 

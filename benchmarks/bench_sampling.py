@@ -23,6 +23,9 @@ measured cost of a batched step over a one-row step, and the prompt positions th
 padded to its longest prompt and in the groups of similar length that `generate_batched` prefills apart
 (`prefill_groups`: per batch, the number of prompts in each group, longest prompts first).
 
+Then the KV cache A/B: the same greedy workload with transformers' `DynamicCache` and with `GrowingKVCache`
+(`orca8k.sampling.kv_cache`, what generation uses), batched and one at a time, alternating for `--repeats` rounds.
+
 Target (issue 8): ≥ 3× on 2 cores. The machine may be shared: the load average before each measurement is
 printed; ratios are taken within one run. On a loaded machine pass `--threads 1`: at this model size two OpenMP
 threads mostly spin-wait for each other (measured: ≈ 9× the CPU time of one thread per generate call at load 11
@@ -163,9 +166,9 @@ def main() -> None:
     print(f"[bench_sampling] model {model_dir} ({kind}, {params / 1e6:.2f} M params), {len(prompts)} prompts, "
           f"max_new_tokens {gen_config.max_new_tokens}, batch {batch_size}, torch threads {torch.get_num_threads()}")
 
-    def run(bs: int, every: int | None = compact_every):
+    def run(bs: int, every: int | None = compact_every, growing: bool = True):
         return generate_batched(model, tok, ids, gen_config, batch_size=bs, compact_every=every,
-                                skip_special_tokens=s.skip_special_tokens)
+                                skip_special_tokens=s.skip_special_tokens, growing_cache=growing)
 
     def row_forwards(bs: int, every: int | None) -> int:
         """Rows carried by all forward passes of one run (Σ batch rows per pass), counted by a hook."""
@@ -209,10 +212,32 @@ def main() -> None:
     print(f"[bench_sampling] greedy: batched {t_batched:.2f} s (finished rows kept: {t_kept:.2f} s), one at a time "
           f"{t_single:.2f} s, speed-up {t_single / t_batched:.2f}x ({t_single / t_kept:.2f}x), same outputs "
           f"{sum(same)}/{len(same)}")
+    # the KV cache A/B: transformers' DynamicCache (torch.cat per token) against GrowingKVCache, alternating in rounds
+    # so that machine load hits both alike; batched and one at a time, greedy outputs checked equal each time
+    ab: dict[str, list[float]] = {}
+    ab_same = True
+    for _ in range(args.repeats):
+        for growing in (False, True):
+            for bs in (batch_size, 1):
+                start = time.perf_counter()
+                out = run(bs, growing=growing)
+                ab.setdefault(f"{'growing' if growing else 'dynamic'}_{'batched' if bs > 1 else 'one_at_a_time'}",
+                              []).append(time.perf_counter() - start)
+                ab_same &= [g.token_ids for g in out] == [g.token_ids for g in single]
+    kv_fig = {f"{k}_seconds_best": round(min(v), 3) for k, v in ab.items()}
+    kv_fig |= {f"{k}_seconds_median": round(sorted(v)[len(v) // 2], 3) for k, v in ab.items()}
+    kv_fig |= {"speedup_dynamic": round(min(ab["dynamic_one_at_a_time"]) / min(ab["dynamic_batched"]), 2),
+               "speedup_growing": round(min(ab["growing_one_at_a_time"]) / min(ab["growing_batched"]), 2),
+               "batched_growing_over_dynamic": round(min(ab["growing_batched"]) / min(ab["dynamic_batched"]), 3),
+               "same_outputs": ab_same, "rounds": args.repeats}
+    print(f"[bench_sampling] KV cache A/B (best of {args.repeats}): batched {kv_fig['dynamic_batched_seconds_best']:.3f}"
+          f" s DynamicCache, {kv_fig['growing_batched_seconds_best']:.3f} s GrowingKVCache; one at a time "
+          f"{kv_fig['dynamic_one_at_a_time_seconds_best']:.3f} / {kv_fig['growing_one_at_a_time_seconds_best']:.3f} s")
     figures = {
         "bench": "sampling", "model": kind, "model_dir": str(model_dir), "params_millions": round(params / 1e6, 2),
         "prompts": len(prompts), "max_new_tokens": gen_config.max_new_tokens, "batch_size": batch_size,
         "threads": torch.get_num_threads(), "cpus": os.cpu_count(), "repeats": args.repeats, "greedy": greedy_fig,
+        "kv_cache_ab": kv_fig,
     }
     if not args.skip_report:
         kw = {"model_name": "bench", "mode": s.mode, "num_samples": s.num_samples, "max_new_tokens": max_new_tokens,

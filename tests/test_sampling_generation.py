@@ -191,6 +191,17 @@ def test_decoding_writes_into_one_growing_cache_per_batch(trained):
         if batch_size > 1:  # one cache for the batch; its buffers: the batch width + max_new_tokens positions
             assert len({id(cache) for cache, _ in seen}) == 1
             assert {buffer.shape[2] for _, buffer in seen} == {width + config.max_new_tokens}
+    # growing_cache=False: transformers' DynamicCache throughout (the bench's comparison), the same outputs
+    from transformers.cache_utils import DynamicCache
+
+    caches: list = []
+    hook = model.register_forward_pre_hook(lambda _m, _a, kw: caches.append(type(kw["cache"])), with_kwargs=True)
+    try:
+        out = generate_batched(model, tok, prompts, config, batch_size=len(prompts), compact_every=3,
+                               growing_cache=False)
+    finally:
+        hook.remove()
+    assert [g.token_ids for g in out] == reference and set(caches[1:]) == {DynamicCache}
 
 
 def _partition_cost(lengths, groups, pass_cost):

@@ -204,6 +204,7 @@ def generate_batched(
     skip_special_tokens: bool = True,
     seed: int | None = None,
     compact_every: int | None = COMPACT_EVERY,
+    growing_cache: bool = True,
 ) -> list[Generation]:
     """Generate for many prompts, `batch_size` at a time, left-padded with attention masks.
 
@@ -227,6 +228,8 @@ def generate_batched(
             (None) for a batch of one row (nothing to drop; the same outputs, sampled ones included), for beam
             search, whose rows are not independent prompts, and without a dynamic KV cache (`use_cache=False`, a
             `cache_implementation` such as "static").
+        growing_cache: decode into a `GrowingKVCache` (`orca8k.sampling.kv_cache`; the same outputs, no copy of the
+            cache per token); False keeps transformers' `DynamicCache` (what `benchmarks/bench_sampling.py` compares).
 
     Returns:
         One `Generation` per prompt, in order.
@@ -269,7 +272,7 @@ def generate_batched(
                 input_ids[r, width - len(ids) :] = ids
                 attention_mask[r, width - len(ids) :] = 1
             new = _generate_compacting(model, input_ids.to(device), attention_mask.to(device), generation_config,
-                                       eos, pad, compact_every)
+                                       eos, pad, compact_every, growing_cache)
             for r, i in enumerate(rows):
                 kept, ended = cut_at_eos(new[r], eos)
                 text = tokenizer.decode(kept, skip_special_tokens=skip_special_tokens)
@@ -309,7 +312,8 @@ def prefill_groups(lengths: Sequence[int], pass_cost: int = PREFILL_PASS_COST) -
 
 
 def _generate_compacting(model: PreTrainedModel, input_ids: Any, attention_mask: Any, generation_config: GenerationConfig,
-                         eos: int, pad: int, compact_every: int | None) -> list[list[int]]:
+                         eos: int, pad: int, compact_every: int | None, growing_cache: bool = True
+                         ) -> list[list[int]]:
     """The new token ids of each row of one left-padded batch (`input_ids`, `attention_mask`: [batch, seq_len]),
     generated `compact_every` tokens per `generate` call, finished rows dropped between calls (module docstring).
 
@@ -326,7 +330,7 @@ def _generate_compacting(model: PreTrainedModel, input_ids: Any, attention_mask:
         cache = None
         if ((generation_config.num_beams or 1) == 1 and generation_config.use_cache is not False
                 and generation_config.cache_implementation is None):
-            cache = GrowingKVCache.for_model(model, input_ids.shape[1] + total)
+            cache = GrowingKVCache.for_model(model, input_ids.shape[1] + total) if growing_cache else None
         out = model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=generation_config,
                              **({"cache": cache} if cache is not None else {}))
         return out[:, input_ids.shape[1]:].tolist()  # [batch, new_tokens]
@@ -350,7 +354,8 @@ def _generate_compacting(model: PreTrainedModel, input_ids: Any, attention_mask:
     rows = torch.arange(input_ids.shape[0])  # the batch's rows still generating, by their index in `input_ids`
     # decoding writes into buffers sized for the whole output (`kv_cache`), not a copy of the cache per token
     # ("dynamic" named explicitly: transformers' own cache, as asked)
-    cache = GrowingKVCache.for_model(model, width + total) if generation_config.cache_implementation is None else None
+    cache = (GrowingKVCache.for_model(model, width + total)
+             if growing_cache and generation_config.cache_implementation is None else None)
     sequences, mask, done = input_ids, attention_mask, 0
     groups = prefill_groups(attention_mask.sum(dim=1).tolist(), PREFILL_PASS_COST) if total > 1 else []
     pending = None  # the first call's (sequences, cache, tokens asked) when the groups' prefills were joined
@@ -360,7 +365,7 @@ def _generate_compacting(model: PreTrainedModel, input_ids: Any, attention_mask:
             index = torch.tensor(group, device=input_ids.device)
             w = int(attention_mask[index].sum(dim=1).max())
             parts.append((index, *call(input_ids[index, -w:], attention_mask[index, -w:], None, 0, 1)[:2]))
-        joined = _join_prefilled(parts, width, pad, capacity=width + total)
+        joined = _join_prefilled(parts, width, pad, capacity=width + total if growing_cache else None)
         if joined is not None:
             order, produced, joined_cache = joined
             rows = order.cpu()
@@ -388,7 +393,7 @@ def _generate_compacting(model: PreTrainedModel, input_ids: Any, attention_mask:
         rows = rows[keep]
 
 
-def _join_prefilled(parts: list[tuple[Any, Any, Any]], width: int, pad: int, capacity: int = 0
+def _join_prefilled(parts: list[tuple[Any, Any, Any]], width: int, pad: int, capacity: int | None = 0
                     ) -> tuple[Any, Any, Any] | None:
     """Join the outputs of prefills run apart into one batch, as if it had been prefilled together.
 
@@ -398,7 +403,8 @@ def _join_prefilled(parts: list[tuple[Any, Any, Any]], width: int, pad: int, cap
         width: the batch width; every part is left-padded to it (pad ids in the sequences, zeros in the cache; the
             attention mask hides both).
         pad: the pad id.
-        capacity: positions the joined cache's buffers hold before they grow (`GrowingKVCache`).
+        capacity: positions the joined cache's buffers hold before they grow (`GrowingKVCache`); None joins into
+            transformers' `DynamicCache` instead.
 
     Returns:
         (row indices [n], sequences [n, width + 1], `GrowingKVCache` of width positions), or None when a cache is not
@@ -424,4 +430,6 @@ def _join_prefilled(parts: list[tuple[Any, Any, Any]], width: int, pad: int, cap
         keys = torch.cat([F.pad(k, (0, 0, width - k.shape[2], 0)) for k, _, _ in per_part])
         values = torch.cat([F.pad(v, (0, 0, width - v.shape[2], 0)) for _, v, _ in per_part])
         layers.append((keys, values))
+    if capacity is None:
+        return rows, sequences, DynamicCache(ddp_cache_data=layers)
     return rows, sequences, GrowingKVCache.from_states(layers, capacity)

@@ -166,8 +166,9 @@ def test_finished_rows_leave_the_batch_and_greedy_outputs_stay_the_same(trained)
 
 
 def test_decoding_writes_into_one_growing_cache_per_batch(trained):
-    """Every decode step of a batch, prefill groups joined or not, and of a one-row call, runs on a
-    `GrowingKVCache` whose buffers were sized for the whole output at the start: no reallocation, no copy per token."""
+    """Every decode step of a batch (prefilled together: these prompts form one prefill group) and of a one-row call
+    runs on a `GrowingKVCache` whose buffers were sized for the whole output at the start: no reallocation, no copy
+    per token. (Caches joined after grouped prefills: `test_join_prefilled_pads_caches_on_the_left`.)"""
     from orca8k.sampling.kv_cache import GrowingKVCache
 
     model, tok = trained

@@ -322,15 +322,10 @@ def _generate_compacting(model: PreTrainedModel, input_ids: Any, attention_mask:
     (`_join_prefilled`), and decoding goes on as one batch, exactly as if the batch had been prefilled together."""
     import torch
 
-    from orca8k.sampling.kv_cache import GrowingKVCache
-
     total = generation_config.max_new_tokens
     if (compact_every is None or input_ids.shape[0] == 1 or (generation_config.num_beams or 1) > 1
             or generation_config.use_cache is False or generation_config.cache_implementation not in (None, "dynamic")):
-        cache = None
-        if ((generation_config.num_beams or 1) == 1 and generation_config.use_cache is not False
-                and generation_config.cache_implementation is None):
-            cache = GrowingKVCache.for_model(model, input_ids.shape[1] + total) if growing_cache else None
+        cache = _growing_cache(model, generation_config, input_ids.shape[1] + total) if growing_cache else None
         out = model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=generation_config,
                              **({"cache": cache} if cache is not None else {}))
         return out[:, input_ids.shape[1]:].tolist()  # [batch, new_tokens]
@@ -353,9 +348,7 @@ def _generate_compacting(model: PreTrainedModel, input_ids: Any, attention_mask:
     new_ids: list[list[int]] = [[] for _ in range(input_ids.shape[0])]
     rows = torch.arange(input_ids.shape[0])  # the batch's rows still generating, by their index in `input_ids`
     # decoding writes into buffers sized for the whole output (`kv_cache`), not a copy of the cache per token
-    # ("dynamic" named explicitly: transformers' own cache, as asked)
-    cache = (GrowingKVCache.for_model(model, width + total)
-             if growing_cache and generation_config.cache_implementation is None else None)
+    cache = _growing_cache(model, generation_config, width + total) if growing_cache else None
     sequences, mask, done = input_ids, attention_mask, 0
     groups = prefill_groups(attention_mask.sum(dim=1).tolist(), PREFILL_PASS_COST) if total > 1 else []
     pending = None  # the first call's (sequences, cache, tokens asked) when the groups' prefills were joined
@@ -393,6 +386,18 @@ def _generate_compacting(model: PreTrainedModel, input_ids: Any, attention_mask:
         rows = rows[keep]
 
 
+def _growing_cache(model: PreTrainedModel, generation_config: GenerationConfig, capacity: int) -> Any:
+    """A `GrowingKVCache` of `capacity` positions for one `generate` call, or None (transformers' own cache) with beam
+    search, without a cache, with a `cache_implementation` named explicitly ("dynamic" included: the library's, as
+    asked) or for a model whose layers it does not cover (`GrowingKVCache.for_model`)."""
+    from orca8k.sampling.kv_cache import GrowingKVCache
+
+    if ((generation_config.num_beams or 1) > 1 or generation_config.use_cache is False
+            or generation_config.cache_implementation is not None):
+        return None
+    return GrowingKVCache.for_model(model, capacity)
+
+
 def _join_prefilled(parts: list[tuple[Any, Any, Any]], width: int, pad: int, capacity: int | None = 0
                     ) -> tuple[Any, Any, Any] | None:
     """Join the outputs of prefills run apart into one batch, as if it had been prefilled together.
@@ -407,8 +412,9 @@ def _join_prefilled(parts: list[tuple[Any, Any, Any]], width: int, pad: int, cap
             transformers' `DynamicCache` instead.
 
     Returns:
-        (row indices [n], sequences [n, width + 1], `GrowingKVCache` of width positions), or None when a cache is not
-        a plain `DynamicCache` of full-attention layers (sliding windows, quantised layers): those cannot be padded.
+        (row indices [n], sequences [n, width + 1], a cache of width positions: `GrowingKVCache`, or `DynamicCache`
+        when `capacity` is None), or None when a cache is not a plain `DynamicCache` of full-attention layers
+        (sliding windows, quantised layers): those cannot be padded.
     """
     import torch
     import torch.nn.functional as F

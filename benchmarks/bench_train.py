@@ -18,8 +18,8 @@ What it does, in one process (ratios are measured within one run, so machine loa
    reporting useful (non-pad) tokens/s, the padding fraction, and MFU = useful tokens/s × FLOPs per token / peak;
 5. beside the 512 runs, the same loop on full random batches (2 × 512 random tokens, no padding): the ceiling the
    issue quotes (≈ 50 % of peak by 6·N on 2 quiet cores);
-6. beside them too, `packing` with the model under `torch.compile` (inductor), as `train.torch_compile: true` runs
-   it through the Trainer; compiling (20–35 s) happens in its warm-up steps, outside the timing: they run until two
+6. beside them too, `packing` with the model and the loss under `torch.compile` (inductor), as
+   `train.torch_compile: true` runs them through the Trainer (`orca8k.data.collate.training_loss`); compiling (20–35 s) happens in its warm-up steps, outside the timing: they run until two
    row lengths were seen, since dynamo compiles once more, with a dynamic length, at the second length. Packed rows
    are all near max_length, so that one dynamic graph serves every step; padded batches are not compiled here.
 
@@ -125,11 +125,11 @@ class Runner:
     def _train(self, batch) -> None:
         import torch
 
-        from orca8k.data.collate import causal_lm_loss
+        from orca8k.data.collate import training_loss
 
         labels = batch["labels"]
         inputs = {k: v for k, v in batch.items() if k != "labels"}
-        loss = causal_lm_loss(self.model(**inputs, use_cache=False), labels)
+        loss = training_loss(self.compiled)(self.model(**inputs, use_cache=False), labels)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), 2.0)
         self.opt.step()

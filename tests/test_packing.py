@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from orca8k.data.chat_format import IGNORE_INDEX
-from orca8k.data.collate import CausalLMCollator, causal_lm_loss
+from orca8k.data.collate import CausalLMCollator, causal_lm_loss, training_loss
 from orca8k.data.packing import pack_examples, plan_bins
 from tests.fixtures.models import make_tiny_llama
 from tests.fixtures.tokenize import mix_rows
@@ -220,6 +220,24 @@ def test_causal_lm_loss_is_the_mean_log_loss_of_each_next_supervised_token():
     assert torch.allclose(grad, expected_grad, atol=1e-7, rtol=0)
     assert not grad[:, 4].any() and not grad[0, 0].any()  # positions without a target get no gradient
     assert labels.tolist()[0][0] == 3  # the labels are not shifted in place
+
+
+def test_training_loss_compiles_causal_lm_loss_only_with_torch_compile():
+    import torch
+
+    assert training_loss(False) is causal_lm_loss
+    compiled = training_loss(True)
+    assert compiled is training_loss(True) and compiled is not causal_lm_loss  # one compiled function, shared
+    torch.manual_seed(0)
+    labels = torch.tensor([[3, IGNORE_INDEX, 4, 5, IGNORE_INDEX], [6, 1, IGNORE_INDEX, IGNORE_INDEX, 2]])
+    for seq_len, kwargs in ((5, {}), (5, {"num_items_in_batch": torch.tensor(8)}), (9, {})):
+        lab = torch.nn.functional.pad(labels, (0, seq_len - 5), value=IGNORE_INDEX)
+        logits = torch.randn(2, seq_len, 7, requires_grad=True)
+        eager, fused = causal_lm_loss(logits, lab, **kwargs), compiled(logits, lab, **kwargs)
+        torch.testing.assert_close(fused, eager, atol=1e-6, rtol=0)
+        torch.testing.assert_close(torch.autograd.grad(fused, logits)[0], torch.autograd.grad(eager, logits)[0],
+                                   atol=1e-7, rtol=0)
+    assert compiled(torch.randn(2, 5, 7), torch.full((2, 5), IGNORE_INDEX)).item() == 0.0  # all masked: 0, not NaN
 
 
 def test_num_items_in_batch_weighs_every_target_equally_across_micro_batches(tokenizer):

@@ -12,6 +12,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from orca8k.config import load_config
+from orca8k.data.collate import causal_lm_loss, training_loss
 from orca8k.errors import StageInputMissing, TrainingError
 from orca8k.layout import Layout
 from orca8k.model.loading import load_causal_lm
@@ -252,8 +253,13 @@ def test_packed_rows_train_and_count_only_real_tokens(tmp_path, train_inputs, tr
         assert _history(tracking_store, run_id, f"supervised_tokens_seen/{source}")[-1] == (steps, total)
 
 
-def test_torch_compile_trains_the_same_model_and_saves_plain_weights(tmp_path, train_inputs, tracking_store):
+def test_torch_compile_trains_the_same_model_and_saves_plain_weights(tmp_path, train_inputs, tracking_store,
+                                                                     monkeypatch):
     # packed rows: all near 128 tokens, so few shapes (dynamo turns the length dynamic at the second one)
+    import orca8k.data.collate as collate_module
+
+    losses = []  # the Trainer's compute_loss_func per run: compiled with the model
+    monkeypatch.setattr(collate_module, "training_loss", lambda *a: losses.append(training_loss(*a)) or losses[-1])
     tokenized, _, _ = _packed_inputs(tmp_path, train_inputs)
     sets = {"paths.tokenized": str(tokenized), "train.gradient_accumulation_steps": 1, "train.max_steps": 3,
             "train.eval_steps": 3, "train.save_steps": 3, "tracking.experiment_name": "compile"}
@@ -268,6 +274,7 @@ def test_torch_compile_trains_the_same_model_and_saves_plain_weights(tmp_path, t
         if not compiled:
             assert not torch._dynamo.utils.counters["stats"]["unique_graphs"]
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > 0  # the compiled run really ran compiled graphs
+    assert losses[0] is causal_lm_loss and losses[1] is training_loss(True)  # the loss is compiled too
     (eager, eager_weights), (comp, comp_weights) = runs[False], runs[True]
     assert list(comp_weights) == list(eager_weights)  # no `_orig_mod.` prefixes: later stages load it as usual
     assert comp["global_step"] == eager["global_step"] == 3 and comp["tokens"] == eager["tokens"]

@@ -283,8 +283,9 @@ class TrainConfig(StrictModel):
     save_total_limit: int = Field(ge=1)
     logging_steps: int = Field(ge=1)
     gradient_checkpointing: bool
-    torch_compile: bool = Field(False, description="torch.compile the model (inductor): 10–17 % per step on the "
-                                "demo model on CPU, after 20–35 s of compiling; shapes that vary (padded batches) recompile.")
+    torch_compile: bool = Field(False, description="torch.compile the model and the loss (inductor): 10–17 % per "
+                                "step on the demo model on CPU, after 20–35 s of compiling; shapes that vary (padded "
+                                "batches) recompile.")
     fp16: bool = False
     bf16: bool = False
     deepspeed: str | None = Field(None, description="DeepSpeed config JSON (repo-relative), e.g. configs/deepspeed/zero2.json.")

@@ -106,7 +106,7 @@ def build_trainer(cfg: Config, layout: Layout) -> TrainSetup:
     from transformers import PrinterCallback, set_seed
     from transformers.utils import logging as hf_logging
 
-    from orca8k.data.collate import CausalLMCollator, causal_lm_loss
+    from orca8k.data.collate import CausalLMCollator, training_loss
     from orca8k.model.base import resolve_base
     from orca8k.model.loading import load_causal_lm, resize_embeddings
     from orca8k.model.tokenizer import load_tokenizer
@@ -164,11 +164,12 @@ def build_trainer(cfg: Config, layout: Layout) -> TrainSetup:
               "supervised_tokens_seen/<source> curves", flush=True)
     seen = (SourceTokensSeen.from_trainer_state(json.loads((resume / "trainer_state.json").read_text()))
             if resume is not None else SourceTokensSeen())  # a resumed run counts on from its checkpoint
+    loss = training_loss(args.torch_compile, args.torch_compile_backend or "inductor", args.torch_compile_mode)
     trainer = Orca8kTrainer(
         model=model, args=args, train_dataset=train_ds, eval_dataset=eval_sets,
         data_collator=CausalLMCollator(pad_token_id=tokenizer.pad_token_id, max_length=cfg.tokenize.max_length,
                                        sources=sources),
-        processing_class=tokenizer, compute_loss_func=causal_lm_loss, warmup_shape=t.warmup_shape,
+        processing_class=tokenizer, compute_loss_func=loss, warmup_shape=t.warmup_shape,
         source_tokens=seen,
     )
     trainer.remove_callback(PrinterCallback)  # replaced by LogPrinterCallback (one line per log, rank 0)

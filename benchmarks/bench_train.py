@@ -1,6 +1,6 @@
 """Training throughput on CPU: packing against the seed's pad-to-longest collator, and model-FLOPs utilisation.
 
-    python benchmarks/bench_train.py                 # ≈ 5 min on 2 quiet cores (much longer under load)
+    python benchmarks/bench_train.py                 # ≈ 7 min on 2 quiet cores (much longer under load)
     python benchmarks/bench_train.py --quick         # a smoke run (tiny model, few steps)
 
 What it does, in one process (ratios are measured within one run, so machine load hits every side alike):
@@ -19,9 +19,13 @@ What it does, in one process (ratios are measured within one run, so machine loa
 5. beside the 512 runs, the same loop on full random batches (2 × 512 random tokens, no padding): the ceiling the
    issue quotes (≈ 50 % of peak by 6·N on 2 quiet cores);
 6. beside them too, `packing` with the model and the loss under `torch.compile` (inductor), as
-   `train.torch_compile: true` runs them through the Trainer (`orca8k.data.collate.training_loss`); compiling (20–35 s) happens in its warm-up steps, outside the timing: they run until two
-   row lengths were seen, since dynamo compiles once more, with a dynamic length, at the second length. Packed rows
-   are all near max_length, so that one dynamic graph serves every step; padded batches are not compiled here.
+   `train.torch_compile: true` runs them through the Trainer (`orca8k.data.collate.training_loss`); compiling
+   (20–35 s) happens in its warm-up steps, outside the timing: they run until two row lengths were seen, since
+   dynamo compiles once more, with a dynamic length, at the second length. Packed rows are all near max_length, so
+   that one dynamic graph serves every step; padded batches are not compiled here;
+7. at 512 also `packing_text_fill`, uncompiled and compiled: the rows of `tokenize.packing_strategy: bfd_text_fill`
+   (`orca8k.data.packing.text_fill_table`: chat examples whole, the texts cut again to fill the rows' free space),
+   made from the examples in mix order as the stage reads them, then shuffled like the others.
 
 FLOPs per token = 6·N + 12·n_layers·d_model·s (Kaplan et al. 2020; PaLM's attention term, Chowdhery et al. 2022,
 appendix B), N = parameters without the input embedding, s = the row's length (packed rows: max_length; padded
@@ -82,8 +86,26 @@ def encode_examples(encoder, rows: list[dict], max_length: int) -> list[dict]:
         batch = rows[i:i + 256]
         encoded = encoder.encode_rows([r["kind"] for r in batch], [r["messages"] for r in batch],
                                       [r["text"] for r in batch], max_length)
-        out += [{"input_ids": e.input_ids, "labels": e.labels} for row in encoded for e in row.examples]
+        out += [{"input_ids": e.input_ids, "labels": e.labels, "kind": r["kind"], "row_id": r["id"]}
+                for r, row in zip(batch, encoded, strict=True) for e in row.examples]
     return out
+
+
+def text_fill_rows(examples: list[dict], max_length: int, bos_id: int) -> list[dict]:
+    """Packed rows as `tokenize.packing_strategy: bfd_text_fill` makes them (`text_fill_table`, then `pack_table`
+    with its plan), from the examples in mix order (as the stage reads them)."""
+    import pyarrow as pa
+
+    from orca8k.data.packing import pack_table, text_fill_table
+
+    ints = pa.list_(pa.int32())
+    table = pa.table({"row_id": [e["row_id"] for e in examples], "kind": [e["kind"] for e in examples],
+                      "input_ids": pa.array([e["input_ids"] for e in examples], ints),
+                      "labels": pa.array([e["labels"] for e in examples], ints)})
+    fill = text_fill_table(table, max_length, bos_id)
+    whole = table.take(pa.array(fill.whole, pa.int64())).select(["input_ids", "labels"])
+    pieces = pa.table({"input_ids": fill.input_ids, "labels": fill.labels})
+    return pack_table(pa.concat_tables([whole, pieces]), max_length, fill.bins).to_pylist()
 
 
 def make_model(vocab: int, hidden: int, layers: int, heads: int, intermediate: int, native: int):
@@ -194,30 +216,42 @@ def summarise(r: dict, n6: float, layers: int, hidden: int, peak_gflops: float) 
 
 
 def compare(model, examples: list[dict], max_length: int, seconds: float, max_batches: int | None, n6, layers, hidden,
-            peak, ceiling: list[dict] | None = None, compiled: bool = False) -> dict:
-    """Packing vs padded on the same examples (and, if given, full random batches: the ceiling), interleaved."""
+            peak, ceiling: list[dict] | None = None, compiled: bool = False, text_fill_bos: int | None = None) -> dict:
+    """Packing vs padded on the same examples (and, if given, full random batches: the ceiling; with
+    `text_fill_bos`, `bfd_text_fill` packing too), interleaved."""
     from orca8k.data.collate import CausalLMCollator
     from orca8k.data.packing import pack_examples
 
     collate = CausalLMCollator(pad_token_id=PAD_ID)
     order = examples[:]
     random.Random(0).shuffle(order)  # the Trainer's shuffled order, for both collations
-    packed_rows = pack_examples(order, max_length)
+    fields = ("input_ids", "labels")
+    packed_rows = pack_examples([{k: e[k] for k in fields} for e in order], max_length)
     random.Random(1).shuffle(packed_rows)
-    packed = [collate(packed_rows[i:i + BATCH_ROWS]) for i in range(0, len(packed_rows) - BATCH_ROWS + 1, BATCH_ROWS)]
-    padded = [collate(order[i:i + BATCH_ROWS]) for i in range(0, len(order) - BATCH_ROWS + 1, BATCH_ROWS)]
+
+    def batches(rows: list[dict]) -> list[dict]:
+        return [collate(rows[i:i + BATCH_ROWS]) for i in range(0, len(rows) - BATCH_ROWS + 1, BATCH_ROWS)]
+
+    packed = batches(packed_rows)
+    padded = batches([{k: e[k] for k in fields} for e in order])
+    filled_rows = text_fill_rows(examples, max_length, text_fill_bos) if text_fill_bos is not None else []
+    random.Random(1).shuffle(filled_rows)
+    filled = batches(filled_rows)
     runs = {"packing": packed, "padded": padded, **({"random_full_batches": ceiling} if ceiling else {}),
-            **({"packing_torch_compile": packed} if compiled else {})}
+            **({"packing_torch_compile": packed} if compiled else {}),
+            **({"packing_text_fill": filled} if filled else {}),
+            **({"packing_text_fill_torch_compile": filled} if filled and compiled else {})}
     runners = [Runner(model, b, compile=name.endswith("torch_compile")) for name, b in runs.items()]
     results = run_interleaved(runners, seconds, max_batches)
     out = {name: summarise(r, n6, layers, hidden, peak) for name, r in zip(runs, results, strict=True)}
     out["examples"] = len(order)
     out["packed_rows"] = len(packed_rows)
-    out["speedup_packing_over_padded"] = round(
-        out["packing"]["useful_tokens_per_second"] / out["padded"]["useful_tokens_per_second"], 3)
-    if compiled:
-        out["speedup_packing_torch_compile_over_padded"] = round(
-            out["packing_torch_compile"]["useful_tokens_per_second"] / out["padded"]["useful_tokens_per_second"], 3)
+    if filled:
+        out["packed_rows_text_fill"] = len(filled_rows)
+    for name in runs:
+        if name.startswith("packing"):
+            out[f"speedup_{name}_over_padded"] = round(
+                out[name]["useful_tokens_per_second"] / out["padded"]["useful_tokens_per_second"], 3)
     return out
 
 
@@ -261,7 +295,7 @@ def main() -> None:
     ids = torch.randint(3, vocab, (BATCH_ROWS, 512), generator=g)
     full = [{"input_ids": ids, "labels": ids.clone(), "attention_mask": torch.ones_like(ids)}]
     for max_length, kwargs in ((512, {"seconds": seconds, "max_batches": None, "ceiling": full,
-                                      "compiled": not args.no_compile}),
+                                      "compiled": not args.no_compile, "text_fill_bos": encoder.bos_id}),
                                (8192, {"seconds": float("inf"), "max_batches": long_batches})):
         examples = encode_examples(encoder, rows, max_length)
         if args.quick:

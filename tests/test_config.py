@@ -108,6 +108,22 @@ def test_plan_reads_only_outputs_made_from_its_own_params(monkeypatch, tmp_path)
     assert facts["train_rows_from"] == f"mix manifest ({manifest})"
 
 
+def test_plan_takes_packed_rows_only_from_stats_of_its_packing_strategy(monkeypatch, tmp_path):
+    monkeypatch.chdir(REPO)
+    stats = tmp_path / "metrics" / "tokenize.json"
+    stats.parent.mkdir(parents=True)
+    bfd = load_config(PARAMS, [f"paths.root={tmp_path}"])
+    fill = load_config(PARAMS, [f"paths.root={tmp_path}", "tokenize.packing_strategy=bfd_text_fill"])
+    train = {"rows": 700, "tokens": 1000, "supervised_tokens": 250}
+    stats.write_text(json.dumps({"max_length": bfd.tokenize.max_length, "packing": True, "train": train}))
+    share = "supervised_token_share"  # from the token stats, when they are this config's
+    assert make_plan(bfd)[share] == 0.25  # stats from before packing_strategy existed: bfd's
+    assert make_plan(fill)[share] is None and make_plan(fill)["packing_strategy"] == "bfd_text_fill"
+    stats.write_text(json.dumps({"max_length": bfd.tokenize.max_length, "packing": True,
+                                 "packing_strategy": "bfd_text_fill", "train": train}))
+    assert (make_plan(bfd)[share], make_plan(fill)[share]) == (None, 0.25)
+
+
 def test_plan_cli_prints_the_facts_as_json(tmp_path):
     proc = run_cli("plan", "--params", str(RECIPE), "--json", "--set", f"paths.root={tmp_path}", cwd=REPO)
     facts = json.loads(proc.stdout)

@@ -7,7 +7,7 @@ import pytest
 
 from orca8k.data.chat_format import IGNORE_INDEX
 from orca8k.data.collate import CausalLMCollator, causal_lm_loss, training_loss
-from orca8k.data.packing import pack_examples, plan_bins
+from orca8k.data.packing import pack_examples, plan_bins, plan_text_fill
 from tests.fixtures.models import make_tiny_llama
 from tests.fixtures.tokenize import mix_rows
 
@@ -24,6 +24,27 @@ def test_best_fit_decreasing_bins_are_exact_and_deterministic():
     assert plan_bins([], 10) == []
     with pytest.raises(ValueError, match="example 1: length 11 is outside 1..max_length=10"):
         plan_bins([3, 11], 10)
+
+
+def test_text_fill_plans_whole_examples_first_then_cuts_the_texts_into_the_gaps():
+    # whole 10 and 7 take a row each (free 2 and 5); a 2-token gap holds < min_piece text tokens and stays empty;
+    # text 0 (5 tokens) fills the 5-token gap with 4 (+ <s>), its last token opens a new row, which text 1 fills
+    pieces, bins = plan_text_fill([10, 7], [5, 20], max_length=12, min_piece=3)
+    assert pieces.tolist() == [[0, 0, 4], [0, 4, 5], [1, 0, 9], [1, 9, 20]]
+    assert bins == [[0], [1, 2], [3, 4], [5]]
+    lengths = [10, 7] + [end - start + 1 for _, start, end in pieces.tolist()]  # each piece with its <s>
+    assert [sum(lengths[i] for i in b) for b in bins] == [10, 12, 12, 12]
+    # only text; only whole examples (plan_bins' plan); min_piece 1 fills every gap of ≥ 2 tokens
+    assert plan_text_fill([], [30], 12)[0].tolist() == [[0, 0, 11], [0, 11, 22], [0, 22, 30]]
+    assert plan_text_fill([5, 9], [], 12)[1] == plan_bins([5, 9], 12)
+    pieces, bins = plan_text_fill([10], [3], max_length=12, min_piece=1)
+    assert pieces.tolist() == [[0, 0, 1], [0, 1, 3]] and bins == [[0, 1], [2]]
+    with pytest.raises(ValueError, match="min_piece=12"):
+        plan_text_fill([3], [3], 12, min_piece=12)
+    with pytest.raises(ValueError, match="text 1: no token"):
+        plan_text_fill([3], [3, 0], 12)
+    with pytest.raises(ValueError, match="example 0: length 13"):
+        plan_text_fill([13], [3], 12)
 
 
 def test_packed_rows_restart_positions_and_keep_every_token():

@@ -11,7 +11,7 @@ import pytest
 
 from orca8k.data.chat_format import IGNORE_INDEX, ChatEncoder
 from orca8k.data.collate import CausalLMCollator
-from orca8k.data.packing import plan_bins
+from orca8k.data.packing import plan_bins, plan_text_fill
 from orca8k.data.token_stats import SpecialIds, example_stats, packed_row_stats
 from orca8k.errors import DataError, StageInputMissing, ValidationFailed
 from orca8k.layout import Layout
@@ -100,12 +100,73 @@ def test_packed_train_keeps_every_token_and_restarts_positions(packed_run):
     assert batch["input_ids"].shape == batch["labels"].shape == batch["position_ids"].shape
 
 
+@pytest.mark.parametrize("shard_examples", [None, 7])
+def test_text_fill_keeps_chats_whole_and_cuts_the_texts_to_fill_the_rows(tmp_path, base_tokenizer_dir, packed_run,
+                                                                         monkeypatch, shard_examples):
+    from datasets import load_from_disk
+
+    import orca8k.stages.tokenize as stage
+    from orca8k.stages import run_stage
+
+    if shard_examples:  # several shards, each ending where a text ends
+        monkeypatch.setattr(stage, "PACK_SHARD_EXAMPLES", shard_examples)
+    cfg = prepare_run(tmp_path, base_tokenizer_dir, [f"tokenize.max_length={MAX_LENGTH}", "tokenize.packing=true",
+                                                     "tokenize.packing_strategy=bfd_text_fill"])
+    result = run_stage("tokenize", cfg)  # the token suite passed on the re-cut examples and their rows
+    layout = Layout.from_config(cfg)
+    tokenizer = load_tokenizer(layout.tokenizer)
+    bos = tokenizer.bos_token_id
+    train = load_from_disk(str(layout.tokenized_train))
+    # the reference, shard by shard of the direct encoding's examples: the chat examples whole, each text's windows
+    # without <s> as one stream, cut by plan_text_fill
+    encoded = direct(mix_rows(24, 12, seed=1), tokenizer)
+    owners = [k for k, (_, res) in enumerate(encoded) for _ in res.examples]
+    bounds, start = [], 0
+    while start < len(owners):
+        end = min(start + (shard_examples or len(owners)), len(owners))
+        while end < len(owners) and owners[end] == owners[end - 1]:
+            end += 1
+        bounds.append((owners[start], owners[end - 1] + 1))  # mix rows [a, b)
+        start = end
+    expected_rows, all_pieces = [], 0
+    for a, b in bounds:
+        shard = encoded[a:b]
+        whole = [(r["source"], e) for r, res in shard if r["kind"] == "chat" for e in res.examples]
+        streams = [(r["source"], [t for e in res.examples for t in e.input_ids[1:]],
+                    [t for e in res.examples for t in e.labels[1:]]) for r, res in shard if r["kind"] == "text"]
+        pieces, bins = plan_text_fill([len(e) for _, e in whole], [len(ids) for _, ids, _ in streams], MAX_LENGTH)
+        examples = [(src, e.input_ids, e.labels) for src, e in whole] + [
+            (streams[t][0], [bos, *streams[t][1][i:j]], [IGNORE_INDEX, *streams[t][2][i:j]])
+            for t, i, j in pieces.tolist()]
+        expected_rows += [[examples[i] for i in row] for row in bins]
+        all_pieces += len(pieces)
+        # every text token once, in order
+        assert [[t for k2, i, j in pieces.tolist() if k2 == k for t in streams[k][1][i:j]]
+                for k in range(len(streams))] == [ids for _, ids, _ in streams]
+    assert len(bounds) > 2 if shard_examples else len(bounds) == 1
+    assert len(train) == len(expected_rows) == result.summary["train"]["rows"]
+    for row, exp in zip(train, expected_rows, strict=True):
+        assert row["input_ids"] == [t for e in exp for t in e[1]]
+        assert row["labels"] == [t for e in exp for t in e[2]]
+        assert row["position_ids"] == [p for e in exp for p in range(len(e[1]))]
+        assert row["sources"] == [e[0] for e in exp] and row["num_examples"] == len(exp)
+    assert json.loads(layout.tokenize_metrics.read_text())["packing_strategy"] == "bfd_text_fill"
+    metrics = json.loads(layout.tokenize_metrics.read_text())["train"]
+    bfd = json.loads(Layout.from_config(packed_run[0]).tokenize_metrics.read_text())["train"]
+    assert metrics["supervised_tokens"] == bfd["supervised_tokens"]  # nothing lost, nothing supervised twice
+    windows = sum(len(res.examples) for r, res in encoded if r["kind"] == "text")
+    assert metrics["tokens"] - bfd["tokens"] == all_pieces - windows  # one <s> per piece instead of per window
+    assert metrics["sources"]["fanfics"]["split_rows"] > 0
+    if not shard_examples:  # one shard: fewer, fuller rows than whole-example packing
+        assert metrics["rows"] < bfd["rows"] and metrics["fill"] > bfd["fill"]
+
+
 def test_metrics_are_exact_per_split_and_source(packed_run):
     cfg, _ = packed_run
     layout = Layout.from_config(cfg)
     tokenizer = load_tokenizer(layout.tokenizer)
     metrics = json.loads(layout.tokenize_metrics.read_text())
-    assert (metrics["max_length"], metrics["packing"]) == (MAX_LENGTH, True)
+    assert (metrics["max_length"], metrics["packing"], metrics["packing_strategy"]) == (MAX_LENGTH, True, "bfd")
     assert metrics["tokenizer"] == {"vocab_size": 605, "padded_vocab_size": 608}
     for split, rows in (("train", mix_rows(24, 12, seed=1)), ("val", mix_rows(6, 4, seed=2))):
         encoded = direct(rows, tokenizer)

@@ -247,6 +247,9 @@ class ModelConfig(StrictModel):
 class TokenizeConfig(StrictModel):
     max_length: int = Field(ge=16, description="Tokens per training row (the fine-tuning context).")
     packing: bool = Field(description="Pack examples into max_length rows (no cross-attention) instead of padding.")
+    packing_strategy: Literal["bfd", "bfd_text_fill"] = Field(
+        "bfd", description="With packing: 'bfd' packs whole examples (best-fit decreasing); 'bfd_text_fill' keeps "
+        "chat examples whole and cuts the pretraining text again to fill the rows' free space.")
     train_on_system: bool = Field(False, description="Supervise the system block too (the seed's accident).")
     num_proc: int = Field(1, ge=1, description="Processes for datasets.map.")
     min_supervised_share: float = Field(0.0, ge=0.0, le=1.0, description="Per-source lower bound (token suite).")

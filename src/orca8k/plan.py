@@ -145,6 +145,7 @@ def make_plan(cfg: Config) -> dict[str, Any]:
         "effective_context_tokens": cfg.effective_context,
         "max_length_tokens": cfg.tokenize.max_length,
         "packing": cfg.tokenize.packing,
+        "packing_strategy": cfg.tokenize.packing_strategy if cfg.tokenize.packing else None,
         "world_size": t.world_size,
         "rows_per_optimizer_step": rows_per_step,
         "max_tokens_per_optimizer_step": max_tokens_per_step,
@@ -165,12 +166,16 @@ def make_plan(cfg: Config) -> dict[str, Any]:
 
 
 def _tokenize_stats(cfg: Config, layout: Layout) -> dict[str, Any]:
-    """The token stats' `train` section, if they exist and were made with this `max_length` and `packing` (stats
-    of another profile in the same checkout, e.g. the demo's, are not this run's)."""
+    """The token stats' `train` section, if they exist and were made with this `max_length`, `packing` and
+    `packing_strategy` (stats of another profile in the same checkout, e.g. the demo's, are not this run's; stats
+    written before `packing_strategy` existed were made by `bfd`)."""
     if not layout.tokenize_metrics.is_file():
         return {}
     data = json.loads(layout.tokenize_metrics.read_text())
-    if (data.get("max_length"), data.get("packing")) != (cfg.tokenize.max_length, cfg.tokenize.packing):
+    t = cfg.tokenize
+    made_by = data.get("packing_strategy", "bfd" if data.get("packing") else None)
+    if (data.get("max_length"), data.get("packing"), made_by) != (
+            t.max_length, t.packing, t.packing_strategy if t.packing else None):
         return {}
     return data["train"] if isinstance(data.get("train"), dict) else {}
 

@@ -44,7 +44,7 @@ class SpecialIds:
         return cls(encoder.bos_id, encoder.eos_id, encoder.system_id, encoder.prompter_id, encoder.assistant_id)
 
 
-def _flat(column: pa.ChunkedArray | pa.Array) -> tuple[np.ndarray, np.ndarray]:
+def list_values(column: pa.ChunkedArray | pa.Array) -> tuple[np.ndarray, np.ndarray]:
     """(flat values, offsets starting at 0 as int64) of a list column; the values stay in their Arrow type (no copy
     for a single chunk without nulls: `combine_chunks` copies even one chunk, 0.13 s per 10 M int32 values here)."""
     import pyarrow as pa
@@ -88,8 +88,8 @@ def example_stats(input_ids: pa.ChunkedArray | pa.Array, labels: pa.ChunkedArray
     Raises:
         ValueError: `input_ids` and `labels` differ in length in some example, or an example is empty.
     """
-    ids, off = _flat(input_ids)
-    lab, lab_off = _flat(labels)
+    ids, off = list_values(input_ids)
+    lab, lab_off = list_values(labels)
     lengths = np.diff(off)
     if not np.array_equal(lengths, np.diff(lab_off)):
         raise ValueError("token stats: input_ids and labels differ in length in some example")
@@ -160,9 +160,9 @@ def packed_row_stats(input_ids: pa.ChunkedArray | pa.Array, labels: pa.ChunkedAr
     `bos_at_restart` (`<s>` exactly where positions restart), `broken_positions` (positions that neither step by 1
     nor restart at 0, a row's first position counting as broken unless it is 0), `label_at_restart` (targets on a
     segment's first token: must be 0)."""
-    ids, off = _flat(input_ids)
-    lab, _ = _flat(labels)
-    pos, _ = _flat(position_ids)
+    ids, off = list_values(input_ids)
+    lab, _ = list_values(labels)
+    pos, _ = list_values(position_ids)
     starts = off[:-1]
     if starts.size == 0:
         return {}

@@ -43,7 +43,7 @@ import numpy as np
 
 from orca8k.config import Config
 from orca8k.data.chat_format import ChatEncoder, RowError, SegmentedRows
-from orca8k.data.packing import pack_table, plan_bins
+from orca8k.data.packing import pack_table, plan_bins, text_fill_table
 from orca8k.data.token_stats import (
     BOOL_STAT_COLUMNS,
     EXAMPLE_STAT_COLUMNS,
@@ -113,16 +113,22 @@ def run(cfg: Config) -> StageResult:
             with timer(f"encode_{split}"), _rust_threads(t.num_proc == 1):
                 examples, dropped = _encode_split(path, encoder, t.max_length, t.num_proc, layout.tokenize_work, split)
             dropped_lines += dropped
+            fill_plans = None
+            if split == "train" and t.packing and t.packing_strategy == "bfd_text_fill":
+                with timer("text_fill"):
+                    examples, fill_plans = _text_fill(examples, t.max_length, special, t.train_on_system,
+                                                      layout.tokenize_work)
             with timer("stats"):
                 stats[split] = _example_frame(examples)
                 examples = examples.remove_columns(list(STAT_COLUMNS))
             out = layout.tokenized_train if split == "train" else layout.tokenized_val
             if split == "train" and t.packing:
                 with timer("plan"):
-                    plans = _plan(stats[split]["num_tokens"].to_numpy(), t.max_length)
+                    plans = fill_plans or _plan(stats[split]["num_tokens"].to_numpy(), t.max_length)
                 if not plans:
                     raise DataError(f"{path}: no train example left to pack")
-                counts[split] = {"rows": sum(map(len, plans)), "plan_fingerprint": _plan_fingerprint(plans)}
+                counts[split] = {"rows": sum(map(len, plans)),
+                                 "plan_fingerprint": _plan_fingerprint(plans, t.packing_strategy)}
                 packed_stats = Future()
                 packing = pool.submit(_pack, examples, plans, t.max_length, layout.tokenize_work, special, out, timer,
                                       counts[split]["plan_fingerprint"], stop, packed_stats)
@@ -432,12 +438,85 @@ def _plan(lengths: np.ndarray, max_length: int) -> list[list[list[int]]]:
             for k in range(0, len(lengths), PACK_SHARD_EXAMPLES)]
 
 
-def _plan_fingerprint(plans: list[list[list[int]]]) -> str:
-    """sha256 of the plan (every bin's example indices, in order): the packed batches' key in the token suite's
-    content-addressed run id (the packed rows are these bins of the examples, whose frames the run id hashes)."""
+def _text_fill(examples: Dataset, max_length: int, special: SpecialIds, train_on_system: bool, work: Path
+               ) -> tuple[Dataset, list[list[list[int]]]]:
+    """`tokenize.packing_strategy: bfd_text_fill` on the encoded train examples: the texts' windows are cut again to
+    fill the packed rows (`orca8k.data.packing.plan_text_fill`), and the plan is made on the way.
+
+    Shard by shard (about `PACK_SHARD_EXAMPLES` examples, ending where a text ends, so a text is never split across
+    shards): the chat examples are kept as they are; each text's windows, without their `<s>`, are its token stream
+    (its ids and its labels as encoded); the streams are cut where the plan says, and each piece gets `<s>` (label
+    -100) in front. A piece is an example like a window: `id` `{row_id}#{part}`, `part`/`parts` counted over the
+    text's pieces, `stat_*` computed on its arrays. The shard's examples are its chat examples, then its pieces.
+
+    Args:
+        examples: the encoded train examples (`_features()` columns without `dropped`), a text's windows
+            consecutive and in order (as `EncodeBatches` writes them).
+        max_length, special, train_on_system: as for the stage.
+        work: the stage's work folder (the re-cut examples are written there).
+
+    Returns:
+        (the examples, memory-mapped from `work`; one plan per shard, over its examples in that order).
+    """
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    from datasets import Dataset
+    from datasets.table import MemoryMappedTable
+
+    table = examples.with_format("arrow")[:]
+    row_ids = table.column("row_id")
+    new_row = np.ones(table.num_rows, dtype=bool)  # an example whose row differs from the previous example's
+    if table.num_rows > 1:
+        new_row[1:] = pc.not_equal(row_ids.slice(1), row_ids.slice(0, table.num_rows - 1)).to_numpy(
+            zero_copy_only=False)
+    row_starts = np.flatnonzero(new_row)
+    path = work / "train-text-fill.arrow"
+    plans: list[list[list[int]]] = []
+    with pa.ipc.new_stream(str(path), table.schema) as writer:
+        start = 0
+        while start < table.num_rows:
+            k = int(np.searchsorted(row_starts, start + PACK_SHARD_EXAMPLES))
+            end = int(row_starts[k]) if k < row_starts.size else table.num_rows
+            shard, bins = _text_fill_shard(table.slice(start, end - start), max_length, special, train_on_system)
+            writer.write_table(shard)
+            plans.append(bins)
+            start = end
+    refilled = Dataset(MemoryMappedTable.from_file(str(path)), fingerprint="orca8k-text-fill")
+    return refilled, plans
+
+
+def _text_fill_shard(shard: pa.Table, max_length: int, special: SpecialIds, train_on_system: bool
+                     ) -> tuple[pa.Table, list[list[int]]]:
+    """One shard of `_text_fill` (`text_fill_table`): (its chat examples then its text pieces, in `shard`'s schema;
+    the plan)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    fill = text_fill_table(shard, max_length, special.bos)
+    whole = shard.take(pa.array(fill.whole, pa.int64()))
+    if not len(fill.owner):
+        return whole, fill.bins
+    owner = pa.array(fill.owner, pa.int64())
+    row_id, parts = shard.column("row_id").take(owner), pa.array(fill.part)
+    stats = example_stats(fill.input_ids, fill.labels, special, train_on_system)
+    zeros = pa.array(np.zeros(len(fill.owner), np.int32))
+    columns = {
+        "id": pc.binary_join_element_wise(row_id, parts.cast(pa.string()), "#"), "row_id": row_id,
+        "source": shard.column("source").take(owner), "kind": shard.column("kind").take(owner),
+        "part": parts, "parts": pa.array(fill.parts), "input_ids": fill.input_ids, "labels": fill.labels,
+        "assistant_turns": zeros, "cut_tokens": zeros,
+    } | {STAT_PREFIX + c: pa.array(stats[c]) for c in EXAMPLE_STAT_COLUMNS}
+    text = pa.table(columns).select(shard.schema.names).cast(shard.schema)
+    return pa.concat_tables([whole, text]).combine_chunks(), fill.bins
+
+
+def _plan_fingerprint(plans: list[list[list[int]]], strategy: str = "bfd") -> str:
+    """sha256 of the plan (every bin's example indices, in order, per shard): the packed batches' key in the token
+    suite's content-addressed run id (the packed rows are these bins of the examples, whose frames the run id
+    hashes)."""
     import hashlib
 
-    h = hashlib.sha256(f"shard={PACK_SHARD_EXAMPLES}".encode())
+    h = hashlib.sha256(f"shard={PACK_SHARD_EXAMPLES};strategy={strategy}".encode())
     for bins in plans:
         h.update(np.array([len(b) for b in bins], np.int64).tobytes())
         h.update(np.fromiter((i for b in bins for i in b), np.int64).tobytes())
@@ -466,10 +545,13 @@ def _pack(examples: Dataset, plans: list[list[list[int]]], max_length: int, work
     try:
         with timer("pack"):
             source = examples.select_columns(["input_ids", "labels", "source"]).with_format("arrow")  # curves
-            for k, (shard, bins) in enumerate(zip(source.iter(batch_size=PACK_SHARD_EXAMPLES), plans, strict=True)):
+            start = 0
+            for k, bins in enumerate(plans):  # a plan per shard of consecutive examples, in order
                 if stop.is_set():
                     raise _PackingStopped
-                packed = pack_table(shard, max_length, bins)
+                size = sum(map(len, bins))
+                packed = pack_table(source[start:start + size], max_length, bins)
+                start += size
                 parts.append(packed_row_stats(packed.column("input_ids"), packed.column("labels"),
                                               packed.column("position_ids"), special)
                              | {"num_examples": packed.column("num_examples").to_numpy()})
@@ -530,7 +612,8 @@ def _metrics(cfg: Config, stats: dict[str, pd.DataFrame], counts: dict[str, dict
              vocab: dict[str, int]) -> dict[str, Any]:
     t = cfg.tokenize
     dropped = [json.loads(line) for line in dropped_lines]
-    out: dict[str, Any] = {"max_length": t.max_length, "packing": t.packing, "tokenizer": vocab}
+    out: dict[str, Any] = {"max_length": t.max_length, "packing": t.packing,
+                           "packing_strategy": t.packing_strategy if t.packing else None, "tokenizer": vocab}
     for split in SPLITS:
         df, mix_rows = stats[split], counts[split]["mix_rows"]
         drops = [d for d in dropped if d["split"] == split]

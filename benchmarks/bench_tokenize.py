@@ -2,6 +2,7 @@
 
     python benchmarks/bench_tokenize.py                       # ≥ 10 M tokens of ../shared/realdata, repeated
     python benchmarks/bench_tokenize.py --tokens 2000000      # a quicker look
+    python benchmarks/bench_tokenize.py --packing-strategy bfd_text_fill   # the stage with text fill
 
 What it does, in one process (ratios are measured within one run, so machine load hits all sides alike):
 1. start-up: the stage's imports in a fresh interpreter (datasets, transformers, pyarrow, and Great Expectations for
@@ -101,6 +102,8 @@ def main() -> None:
     ap.add_argument("--loop-fraction", type=float, default=0.1, help="share of rows timed in the per-example loops")
     ap.add_argument("--vocab-size", type=int, default=4096)
     ap.add_argument("--max-length", type=int, default=512)
+    ap.add_argument("--packing-strategy", default=None, choices=("bfd", "bfd_text_fill"),
+                    help="tokenize.packing_strategy for the stage (default: params.yaml's)")
     ap.add_argument("--keep", action="store_true", help="keep the work folder")
     args = ap.parse_args()
     # the tokenizers library's own default (threads on), set before orca8k's quiet default (off) can apply: the raw
@@ -125,8 +128,9 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="bench-tokenize-"))
     try:
         chats, docs = load_realdata(realdata_dir())
+        strategy = [f"tokenize.packing_strategy={args.packing_strategy}"] if args.packing_strategy else []
         layout_cfg = load_config(REPO / "params.yaml", [f"paths.root={work}", f"tokenize.max_length={args.max_length}",
-                                                       "tokenize.packing=true"])
+                                                       "tokenize.packing=true", *strategy])
         layout = Layout.from_config(layout_cfg)
         # the demo's tokenizer training (`orca8k.model.pretrain.build_demo_base`): every text cut into its lines, so
         # no piece holds a newline — as in Llama-2's vocabulary, where "\n" is always the byte piece <0x0A>
@@ -219,6 +223,7 @@ def main() -> None:
             "sentencepiece_train_seconds": round(spm_seconds, 2),
             "supervised_share_train": metrics["train"]["supervised_share"],
             "packed_fill_train": metrics["train"].get("fill"),
+            "packing_strategy": metrics.get("packing_strategy"),
             "tokenizers_parallelism": parallelism,
             "cpu_count": os.cpu_count(),
             "load_average_before_after": [round(load_before, 2), round(os.getloadavg()[0], 2)],

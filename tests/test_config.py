@@ -108,6 +108,14 @@ def test_plan_reads_only_outputs_made_from_its_own_params(monkeypatch, tmp_path)
     assert facts["train_rows_from"] == f"mix manifest ({manifest})"
 
 
+def test_a_packing_strategy_without_packing_is_refused():
+    with pytest.raises(ConfigError, match=r"tokenize: packing_strategy='bfd_text_fill' packs: it needs packing: true"):
+        load_config(PARAMS, ["tokenize.packing=false", "tokenize.packing_strategy=bfd_text_fill"])
+    with pytest.raises(ConfigError, match=r"tokenize.packing_strategy: Input should be 'bfd' or 'bfd_text_fill'"):
+        load_config(PARAMS, ["tokenize.packing_strategy=wrapped"])
+    assert load_config(PARAMS, ["tokenize.packing=false"]).tokenize.packing_strategy == "bfd"
+
+
 def test_plan_takes_packed_rows_only_from_stats_of_its_packing_strategy(monkeypatch, tmp_path):
     monkeypatch.chdir(REPO)
     stats = tmp_path / "metrics" / "tokenize.json"

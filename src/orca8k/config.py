@@ -255,6 +255,12 @@ class TokenizeConfig(StrictModel):
     min_supervised_share: float = Field(0.0, ge=0.0, le=1.0, description="Per-source lower bound (token suite).")
     max_supervised_share: float = Field(1.0, ge=0.0, le=1.0)
 
+    @model_validator(mode="after")
+    def _strategy_needs_packing(self) -> TokenizeConfig:
+        if self.packing_strategy != "bfd" and not self.packing:
+            raise ValueError(f"packing_strategy={self.packing_strategy!r} packs: it needs packing: true")
+        return self
+
 
 # --------------------------------------------------------------------------------------------------- train
 class TrainConfig(StrictModel):

@@ -216,7 +216,8 @@ def format_plan(facts: dict[str, Any]) -> str:
         f"base model               {facts['base_model']}",
         f"context                  native {facts['native_context_tokens']:,} × RoPE {facts['rope_scaling']['type']} "
         f"{facts['rope_scaling']['factor']} = effective {facts['effective_context_tokens']:,} tokens "
-        f"(max_length {facts['max_length_tokens']:,}, packing {facts['packing']})",
+        f"(max_length {facts['max_length_tokens']:,}, packing {facts['packing']}"
+        + (f", {facts['packing_strategy']})" if facts.get("packing_strategy") else ")"),
         f"parameters               {facts['parameters']:,} ({facts['parameters_non_embedding']:,} non-embedding; "
         f"vocab padded to {facts['vocab_size_padded']:,})",
         f"world size               {facts['world_size']} process{'es' if facts['world_size'] != 1 else ''}, "

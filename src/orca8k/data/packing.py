@@ -170,18 +170,18 @@ def text_fill_table(table: pa.Table, max_length: int, bos_id: int, min_piece: in
     import pyarrow.compute as pc
 
     from orca8k.data.chat_format import IGNORE_INDEX
-    from orca8k.data.token_stats import list_values
 
     is_text = pc.equal(table.column("kind"), "text").to_numpy(zero_copy_only=False)
     whole = np.flatnonzero(~is_text)
     text_rows = np.flatnonzero(is_text)
-    windows = table.take(pa.array(text_rows, pa.int64()))
-    ids, offsets = list_values(windows.column("input_ids"))
-    labels, _ = list_values(windows.column("labels"))
+    # the windows' values gathered with numpy (Arrow's `take` on list columns: 5× slower here, see `_ListRows`)
+    ids_rows, labels_rows = _ListRows(table.column("input_ids")), _ListRows(table.column("labels"))
+    ids, labels = ids_rows.gather(text_rows), labels_rows.gather(text_rows)
+    offsets = np.concatenate([[0], np.cumsum(ids_rows.lengths[text_rows])]).astype(np.int64)
     keep = np.ones(len(ids), dtype=bool)
     keep[offsets[:-1]] = False  # each window's <s>
-    stream_ids, stream_labels = np.asarray(ids)[keep], np.asarray(labels)[keep]
-    row_ids = windows.column("row_id").to_numpy(zero_copy_only=False)
+    stream_ids, stream_labels = ids[keep], labels[keep]
+    row_ids = table.column("row_id").to_numpy(zero_copy_only=False)[text_rows]
     first = np.ones(len(row_ids), dtype=bool)  # a text's first window: another row, or a chat row in between
     first[1:] = (row_ids[1:] != row_ids[:-1]) | (np.diff(text_rows) != 1)
     text_windows = np.flatnonzero(first)

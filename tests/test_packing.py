@@ -28,17 +28,21 @@ def test_best_fit_decreasing_bins_are_exact_and_deterministic():
 
 def test_text_fill_plans_whole_examples_first_then_cuts_the_texts_into_the_gaps():
     # whole 10 and 7 take a row each (free 2 and 5); a 2-token gap holds < min_piece text tokens and stays empty;
-    # text 0 (5 tokens) fills the 5-token gap with 4 (+ <s>), its last token opens a new row, which text 1 fills
-    pieces, bins = plan_text_fill([10, 7], [5, 20], max_length=12, min_piece=3)
-    assert pieces.tolist() == [[0, 0, 4], [0, 4, 5], [1, 0, 9], [1, 9, 20]]
-    assert bins == [[0], [1, 2], [3, 4], [5]]
+    # text 0 (9 tokens) fills the 5-token gap with 4 (+ <s>); its other 5 open a new row, which text 1 fills on
+    pieces, bins = plan_text_fill([10, 7], [9, 20], max_length=12, min_piece=3)
+    assert pieces.tolist() == [[0, 0, 4], [0, 4, 9], [1, 0, 5], [1, 5, 16], [1, 16, 20]]
+    assert bins == [[0], [1, 2], [3, 4], [5], [6]]
     lengths = [10, 7] + [end - start + 1 for _, start, end in pieces.tolist()]  # each piece with its <s>
-    assert [sum(lengths[i] for i in b) for b in bins] == [10, 12, 12, 12]
-    # only text; only whole examples (plan_bins' plan); min_piece 1 fills every gap of ≥ 2 tokens
+    assert [sum(lengths[i] for i in b) for b in bins] == [10, 12, 12, 12, 5]
+    # no sliver left behind: text 0 (5 tokens) would leave 1 after a 4-token piece, and 5 - 3 = 2 < min_piece
+    # tokens are not worth the gap, so it stays empty; a 6-token text gives 3 + 3 instead of 4 + 2
+    assert plan_text_fill([10, 7], [5, 20], 12, min_piece=3)[1] == [[0], [1], [2, 3], [4], [5]]
+    pieces, bins = plan_text_fill([7], [6], 12, min_piece=3)
+    assert pieces.tolist() == [[0, 0, 3], [0, 3, 6]] and bins == [[0, 1], [2]]
+    # only text; only whole examples (plan_bins' plan); a row too short for two min_pieces still takes a sliver
     assert plan_text_fill([], [30], 12)[0].tolist() == [[0, 0, 11], [0, 11, 22], [0, 22, 30]]
     assert plan_text_fill([5, 9], [], 12)[1] == plan_bins([5, 9], 12)
-    pieces, bins = plan_text_fill([10], [3], max_length=12, min_piece=1)
-    assert pieces.tolist() == [[0, 0, 1], [0, 1, 3]] and bins == [[0, 1], [2]]
+    assert plan_text_fill([], [20], 16)[0].tolist() == [[0, 0, 15], [0, 15, 20]]  # min_piece 15 > 20 - 15
     with pytest.raises(ValueError, match="min_piece=12"):
         plan_text_fill([3], [3], 12, min_piece=12)
     with pytest.raises(ValueError, match="text 1: no token"):

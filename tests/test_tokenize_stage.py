@@ -161,6 +161,30 @@ def test_text_fill_keeps_chats_whole_and_cuts_the_texts_to_fill_the_rows(tmp_pat
         assert metrics["rows"] < bfd["rows"] and metrics["fill"] > bfd["fill"]
 
 
+def test_a_text_fill_that_loses_supervision_stops_the_stage(tmp_path, base_tokenizer_dir, monkeypatch):
+    import dataclasses
+
+    import pyarrow as pa
+
+    import orca8k.stages.tokenize as stage
+    from orca8k.stages import run_stage
+
+    real = stage.text_fill_table
+
+    def broken(*args, **kwargs):  # one supervised label of the first piece lost
+        fill = real(*args, **kwargs)
+        labels = fill.labels.to_pylist()
+        labels[0][1] = IGNORE_INDEX
+        return dataclasses.replace(fill, labels=pa.array(labels, fill.labels.type))
+
+    monkeypatch.setattr(stage, "text_fill_table", broken)
+    cfg = prepare_run(tmp_path, base_tokenizer_dir, [f"tokenize.max_length={MAX_LENGTH}", "tokenize.packing=true",
+                                                     "tokenize.packing_strategy=bfd_text_fill"])
+    with pytest.raises(DataError, match="the text fill changed the supervised tokens or lost tokens"):
+        run_stage("tokenize", cfg)
+    assert not Layout.from_config(cfg).tokenized_train.exists()
+
+
 def test_metrics_are_exact_per_split_and_source(packed_run):
     cfg, _ = packed_run
     layout = Layout.from_config(cfg)

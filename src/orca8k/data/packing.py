@@ -75,11 +75,13 @@ def plan_text_fill(whole_lengths: Sequence[int] | np.ndarray, text_lengths: Sequ
     Chat examples must stay whole (a turn cut off its context teaches the wrong thing), but where a text is cut is
     arbitrary: the seed already cut every text into windows. So the whole examples are planned first
     (`plan_bins`); then the texts, as one stream in order, fill each row's free space in plan order — a piece of
-    `free - 1` text tokens behind its own `<s>` wherever at least `min_piece` text tokens fit — and what is left
-    fills new rows to `max_length`. Every text token lands in exactly one piece, in order; a piece is shorter than
-    `min_piece` only where its text ends. On the demo's data at 512 tokens (most examples longer than half a row,
-    so best-fit decreasing needs a row for each) this packs 1,914 examples' tokens into 1,635 rows instead of
-    1,705 (fill 99.9 % instead of 95.8 %; `benchmarks/bench_train.py`).
+    up to `free - 1` text tokens behind its own `<s>` wherever at least `min_piece` text tokens fit — and what is
+    left fills new rows to `max_length`. A cut never leaves a text a tail shorter than `min_piece` (the piece is
+    shortened instead), so a piece is shorter than `min_piece` only where its whole text is, or where `max_length
+    - 1 < 2 · min_piece`. Every text token lands in exactly one piece, in order. On all of `../shared/realdata` at
+    512 tokens (most examples longer than half a row, so best-fit decreasing needs a row for each) this packs
+    1,914 examples' tokens into 1,635 rows instead of 1,705 (fill 99.9 % instead of 95.8 %;
+    `benchmarks/bench_train.py`).
 
     Args:
         whole_lengths: tokens per whole example (its `<s>` included), each in 1..max_length.
@@ -111,8 +113,15 @@ def plan_text_fill(whole_lengths: Sequence[int] | np.ndarray, text_lengths: Sequ
 
     def fill(row: list[int], free: int) -> None:
         nonlocal text, pos
-        while text < texts.size and free - 1 >= min(min_piece, int(texts[text]) - pos):
-            n = min(free - 1, int(texts[text]) - pos)
+        while text < texts.size and free > 1:
+            rest = int(texts[text]) - pos
+            n = min(rest, free - 1)
+            if n < rest and rest - n < min_piece:
+                n = rest - min_piece  # leave the text a tail of min_piece tokens, not a sliver (an empty `<s></s>`)
+            if n < min(min_piece, rest):
+                if row:
+                    break
+                n = min(rest, free - 1)  # an empty row takes what fits (only when max_length - 1 < 2 · min_piece)
             row.append(n_whole + len(pieces))
             pieces.append((text, pos, pos + n))
             free -= n + 1

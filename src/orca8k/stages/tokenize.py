@@ -507,7 +507,18 @@ def _text_fill_shard(shard: pa.Table, max_length: int, special: SpecialIds, trai
         "assistant_turns": zeros, "cut_tokens": zeros,
     } | {STAT_PREFIX + c: pa.array(stats[c]) for c in EXAMPLE_STAT_COLUMNS}
     text = pa.table(columns).select(shard.schema.names).cast(shard.schema)
-    return pa.concat_tables([whole, text]).combine_chunks(), fill.bins
+    out = pa.concat_tables([whole, text]).combine_chunks()
+    # the token statistics of the examples before and after (each computed from its own arrays) must agree: the
+    # same supervised tokens, and one `<s>` per piece instead of one per window
+    windows = len(shard) - len(whole)
+
+    def total(table: pa.Table, name: str) -> int:
+        return int(pc.sum(table.column(STAT_PREFIX + name)).as_py() or 0)
+
+    if (total(out, "supervised_tokens"), total(out, "num_tokens")) != (
+            total(shard, "supervised_tokens"), total(shard, "num_tokens") - windows + len(fill.owner)):
+        raise DataError("tokenize: the text fill changed the supervised tokens or lost tokens (a bug: please report)")
+    return out, fill.bins
 
 
 def _plan_fingerprint(plans: list[list[list[int]]], strategy: str = "bfd") -> str:
@@ -516,7 +527,8 @@ def _plan_fingerprint(plans: list[list[list[int]]], strategy: str = "bfd") -> st
     hashes)."""
     import hashlib
 
-    h = hashlib.sha256(f"shard={PACK_SHARD_EXAMPLES};strategy={strategy}".encode())
+    h = hashlib.sha256((f"shard={PACK_SHARD_EXAMPLES}" + (f";strategy={strategy}" if strategy != "bfd" else ""))
+                       .encode())  # bfd's plans hash as before the strategies existed
     for bins in plans:
         h.update(np.array([len(b) for b in bins], np.int64).tobytes())
         h.update(np.fromiter((i for b in bins for i in b), np.int64).tobytes())

@@ -255,6 +255,11 @@ class TokenizeConfig(StrictModel):
     min_supervised_share: float = Field(0.0, ge=0.0, le=1.0, description="Per-source lower bound (token suite).")
     max_supervised_share: float = Field(1.0, ge=0.0, le=1.0)
 
+    @property
+    def packed_by(self) -> str | None:
+        """The packing strategy the train split is packed by, or None without packing (as the metrics record it)."""
+        return self.packing_strategy if self.packing else None
+
     @model_validator(mode="after")
     def _strategy_needs_packing(self) -> TokenizeConfig:
         if self.packing_strategy != "bfd" and not self.packing:

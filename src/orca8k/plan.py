@@ -145,7 +145,7 @@ def make_plan(cfg: Config) -> dict[str, Any]:
         "effective_context_tokens": cfg.effective_context,
         "max_length_tokens": cfg.tokenize.max_length,
         "packing": cfg.tokenize.packing,
-        "packing_strategy": cfg.tokenize.packing_strategy if cfg.tokenize.packing else None,
+        "packing_strategy": cfg.tokenize.packed_by,
         "world_size": t.world_size,
         "rows_per_optimizer_step": rows_per_step,
         "max_tokens_per_optimizer_step": max_tokens_per_step,
@@ -175,7 +175,7 @@ def _tokenize_stats(cfg: Config, layout: Layout) -> dict[str, Any]:
     t = cfg.tokenize
     made_by = data.get("packing_strategy", "bfd" if data.get("packing") else None)
     if (data.get("max_length"), data.get("packing"), made_by) != (
-            t.max_length, t.packing, t.packing_strategy if t.packing else None):
+            t.max_length, t.packing, t.packed_by):
         return {}
     return data["train"] if isinstance(data.get("train"), dict) else {}
 

@@ -8,7 +8,8 @@ base tokenizer (`orca8k.model.base.resolve_base`). Writes:
   `row_id`, `source`, `kind`, `part`, `parts`, `input_ids`, `labels`, `assistant_turns`, `cut_tokens`;
 - `layout.tokenized_train`: the same columns, or with `tokenize.packing` packed rows `input_ids`, `labels`,
   `position_ids`, `num_examples`, `sources` (each example's source, for train's per-source token curves;
-  `orca8k.data.packing`);
+  `orca8k.data.packing`); with `tokenize.packing_strategy: bfd_text_fill` the texts' windows are first cut again
+  to fill the rows (`_text_fill`);
 - `layout.tokenize_dropped`: examples dropped for having no supervised token (JSON lines, with the reason);
 - `layout.token_validation`: the token-level suite (`orca8k.validation.token_suite`: result JSON + Data Docs); a
   failing check stops the stage with `ValidationFailed`;
@@ -625,7 +626,7 @@ def _metrics(cfg: Config, stats: dict[str, pd.DataFrame], counts: dict[str, dict
     t = cfg.tokenize
     dropped = [json.loads(line) for line in dropped_lines]
     out: dict[str, Any] = {"max_length": t.max_length, "packing": t.packing,
-                           "packing_strategy": t.packing_strategy if t.packing else None, "tokenizer": vocab}
+                           "packing_strategy": t.packed_by, "tokenizer": vocab}
     for split in SPLITS:
         df, mix_rows = stats[split], counts[split]["mix_rows"]
         drops = [d for d in dropped if d["split"] == split]

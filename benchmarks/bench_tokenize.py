@@ -104,6 +104,7 @@ def main() -> None:
     ap.add_argument("--max-length", type=int, default=512)
     ap.add_argument("--packing-strategy", default=None, choices=("bfd", "bfd_text_fill"),
                     help="tokenize.packing_strategy for the stage (default: params.yaml's)")
+    ap.add_argument("--num-proc", type=int, default=None, help="tokenize.num_proc for the stage (default: params.yaml's)")
     ap.add_argument("--keep", action="store_true", help="keep the work folder")
     args = ap.parse_args()
     # the tokenizers library's own default (threads on), set before orca8k's quiet default (off) can apply: the raw
@@ -129,6 +130,7 @@ def main() -> None:
     try:
         chats, docs = load_realdata(realdata_dir())
         strategy = [f"tokenize.packing_strategy={args.packing_strategy}"] if args.packing_strategy else []
+        strategy += [f"tokenize.num_proc={args.num_proc}"] if args.num_proc else []
         layout_cfg = load_config(REPO / "params.yaml", [f"paths.root={work}", f"tokenize.max_length={args.max_length}",
                                                        "tokenize.packing=true", *strategy])
         layout = Layout.from_config(layout_cfg)

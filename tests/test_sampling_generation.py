@@ -10,6 +10,7 @@ import pytest
 from orca8k.data.chat_format import ChatEncoder
 from orca8k.model.tokenizer import ASSISTANT, BOS, EOS, PREFIX_BEGIN, PREFIX_END, PROMPTER, SYSTEM
 from orca8k.sampling.generation import (
+    RowSampler,
     build_prompt_ids,
     cut_at_eos,
     derive_seed,
@@ -18,6 +19,8 @@ from orca8k.sampling.generation import (
     model_facts,
     prefill_groups,
     resolve_generation_config,
+    sampler_name,
+    sampling_warpers,
 )
 from orca8k.sampling.loading import load_local_model
 from tests.fixtures.models import make_tiny_llama
@@ -378,6 +381,79 @@ def test_sampling_is_reproducible_for_a_fixed_seed(tokenizer, encoder):
     assert run(123, every=3) == run(123, every=3)
     assert derive_seed(123, "k50", 0) == derive_seed(123, "k50", 0) != derive_seed(123, "k50", 1)
     assert 0 <= derive_seed(123, "k50", 0) < 2**63
+
+
+OA_SAMPLED = {  # the seed's sampled configurations, with the defaults every configuration shares
+    "nucleus9": {"do_sample": True, "temperature": 0.8, "top_p": 0.9, "top_k": 0},
+    "k50": {"do_sample": True, "temperature": 1.0, "top_k": 50, "top_p": 0.95},
+}
+OA_SHARED = {"repetition_penalty": 1.2, "min_new_tokens": 4, "max_new_tokens": 10}
+
+
+@pytest.mark.parametrize("name", sorted(OA_SAMPLED))
+def test_seeded_sampling_does_not_depend_on_the_batch(tokenizer, encoder, name):
+    """Each output draws from its own generator: batch size, compaction, prefill groups and the other prompts do not
+    change it (transformers' sampler, one global generator, would)."""
+    model = make_tiny_llama(len(tokenizer), context=256)  # random weights: every draw is a real choice
+    questions = ["one", "two three", "four five six seven", "eight " * 40, "nine"]
+    prompts = [build_prompt_ids(encoder, q) for q in questions]
+    assert len(prefill_groups([len(p) for p in prompts])) > 1  # the long prompt prefills apart
+    config = resolve_generation_config(model, {**OA_SAMPLED[name], **OA_SHARED}, eos_token_id=encoder.eos_id,
+                                       pad_token_id=tokenizer.pad_token_id)
+    assert sampler_name(config) == "gumbel_max_per_row"
+    run = lambda prompt_ids=prompts, **kw: [  # noqa: E731
+        g.token_ids for g in generate_batched(model, tokenizer, prompt_ids, config, **kw)]
+    reference = run(batch_size=1, seed=11)
+    assert all(len(ids) == 10 for ids in reference)  # a random model never says </s>; min_new_tokens holds anyway
+    assert len(set(reference)) == len(reference)  # five different draws
+    for batch_size, every in ((len(prompts), 3), (len(prompts), None), (2, 1), (3, 100)):
+        assert run(batch_size=batch_size, seed=11, compact_every=every) == reference
+    # row seeds: prompt j of `seed` is seeded with derive_seed(seed, j), so a subset run with its seeds matches
+    seeds = [derive_seed(11, j) for j in range(len(prompts))]
+    assert run(prompts[3:], batch_size=4, row_seeds=seeds[3:]) == reference[3:]
+    assert run(prompts[::-1], batch_size=4, row_seeds=seeds[::-1]) == reference[::-1]
+    assert run(batch_size=4, seed=12) != reference
+
+
+def test_row_sampler_draws_from_the_warped_distribution():
+    """Gumbel-max over the warped scores draws from softmax(warped scores): temperature 0.5 then top_k 3 on fixed
+    scores, 20,000 draws of one generator, frequencies within 0.012 (> 4 standard deviations) of the softmax; the
+    tokens top_k removes are never drawn."""
+    import torch
+    from transformers import GenerationConfig
+
+    config = GenerationConfig(do_sample=True, temperature=0.5, top_k=3, top_p=1.0)
+    warpers = sampling_warpers(config)
+    assert [type(w).__name__ for w in warpers] == ["TemperatureLogitsWarper", "TopKLogitsWarper"]
+    scores = torch.tensor([[1.0, 0.5, 0.0, -0.2, 2.0]])
+    sampler = RowSampler(warpers, [torch.Generator().manual_seed(5)])
+    draws = torch.stack([sampler(None, scores.clone()).argmax(dim=-1) for _ in range(20_000)]).flatten()
+    counts = torch.bincount(draws, minlength=5).double() / len(draws)
+    kept = torch.tensor([1.0, 0.5, 2.0]) / 0.5  # the top 3, tempered
+    expected = torch.zeros(5, dtype=torch.double)
+    expected[[0, 1, 4]] = torch.softmax(kept.double(), dim=0)
+    assert counts[2] == counts[3] == 0
+    assert torch.allclose(counts, expected, atol=0.012)
+    with pytest.raises(ValueError, match="2 rows of scores for 1 generators"):
+        sampler(None, scores.repeat(2, 1))
+
+
+def test_sampling_warpers_are_transformers_own_in_its_order():
+    from transformers import GenerationConfig
+
+    def names(**kw):
+        return [type(w).__name__ for w in sampling_warpers(GenerationConfig(do_sample=True, **kw))]
+
+    # the seed's nucleus9 (top_k 0: off) and k50; min_p/typical/epsilon/eta in transformers' order
+    assert names(temperature=0.8, top_p=0.9, top_k=0) == ["TemperatureLogitsWarper", "TopPLogitsWarper"]
+    assert names(temperature=1.0, top_k=50, top_p=0.95) == ["TopKLogitsWarper", "TopPLogitsWarper"]
+    assert names(temperature=0.7, top_k=0, min_p=0.1, typical_p=0.9, epsilon_cutoff=3e-4, eta_cutoff=1e-3) == [
+        "TemperatureLogitsWarper", "MinPLogitsWarper", "TypicalLogitsWarper", "EpsilonLogitsWarper",
+        "EtaLogitsWarper"]
+    # what RowSampler does not reproduce samples with transformers' own sampler
+    beams = GenerationConfig(do_sample=True, num_beams=2)
+    assert sampling_warpers(beams) is None and sampler_name(beams) == "transformers_multinomial"
+    assert sampler_name(GenerationConfig(do_sample=False)) is None
 
 
 def test_bad_arguments_raise(tokenizer):

@@ -136,6 +136,25 @@ def test_same_seed_same_reports(run_dir, tokenizer):
     assert outputs(d, "k50") == outputs(a, "k50")
 
 
+def test_reports_do_not_depend_on_the_batch_size(run_dir, tokenizer):
+    """Every output has its own seed: one prompt at a time gives the same reports as two samples × five prompts in
+    batches of 4 or all in one batch; sampled configurations say how they drew."""
+    model = make_tiny_llama(len(tokenizer), context=128)
+    conf = load_configuration(run_dir / "conf.json")
+    kw = {"model_name": "m", "max_new_tokens": 6, "date": "2026-11-30T00:53:20+00:00", "seed": 7}
+    runs = {bs: sample_reports(model, tokenizer, conf, PROMPTS, batch_size=bs, **kw) for bs in (1, 4, 16)}
+
+    def outputs(rs):
+        return {n: [[r.outputs for r in p.results] for p in rep.prompts] for n, rep in rs.reports.items()}
+
+    assert outputs(runs[1]) == outputs(runs[4]) == outputs(runs[16])
+    k50 = outputs(runs[1])["k50"]
+    assert all(len(samples[0]) == 2 and samples[0][0] != samples[0][1] for samples in k50)  # two different draws
+    params = {n: rep.prompts[0].results[0].sampling_params for n, rep in runs[4].reports.items()}
+    assert params["k50"]["sampler"] == params["nucleus9"]["sampler"] == "gumbel_max_per_row"
+    assert "sampler" not in params["greedy"]
+
+
 def test_summary_counts_empty_outputs_and_proper_ends(run_dir, tokenizer, tmp_path):
     model = make_tiny_llama(len(tokenizer), context=128)
     conf = Configuration.model_validate({"configurations": [{"name": "greedy", "generate_args": {"max_new_tokens": 3}}]})

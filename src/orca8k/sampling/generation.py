@@ -10,7 +10,7 @@ decoding, gives the same tokens — as the prompt alone (up to float rounding wh
 for its steps. `generate_batched` therefore runs `generate` `compact_every` new tokens at a time and, between calls,
 drops the finished rows from the batch and from its KV cache (`Cache.batch_select_indices`); the rest continue from
 the cache, with `min_new_tokens` reduced by the tokens already made. A row's computation is the same either way, so
-greedy outputs do not change; sampled draws do (fewer rows draw from the generator), as they do with the batch size.
+greedy outputs do not change, and neither do seeded sampled ones (each row draws from its own generator, below).
 
 A batch pads every prompt to its longest, which makes one long prompt costly for the whole prefill (on the demo
 prompts, one of 136 tokens among eight of 34-52 tripled the prefill's positions). So the rows are first split into
@@ -19,6 +19,11 @@ left-padded to the batch width and joined before decoding goes on as one batch.
 
 Decoding writes into a `GrowingKVCache` (`orca8k.sampling.kv_cache`) sized for the batch width + `max_new_tokens`,
 instead of transformers' `DynamicCache`, which copies the whole cache at every new token.
+
+Sampling with a seed draws each output from its own generator (`RowSampler`), so a sampled output depends on its
+prompt, its seed and the model, not on the batch it ran in: the same outputs batched or one at a time, with or
+without compaction. transformers' own sampling draws every row from torch's one global generator, so its draws
+depend on which rows share a batch and in what order.
 """
 
 from __future__ import annotations
@@ -187,6 +192,115 @@ def cut_at_eos(new_ids: Sequence[int], eos_token_id: int) -> tuple[list[int], bo
     return ids, False
 
 
+# Sampling parameters that `RowSampler` takes over from `generate` (reset to transformers' neutral defaults in the
+# greedy config it decodes with) — the warpers transformers applies when `do_sample` is true.
+_WARPER_DEFAULTS = {"temperature": 1.0, "top_k": 50, "top_p": 1.0, "min_p": None, "typical_p": 1.0,
+                    "epsilon_cutoff": 0.0, "eta_cutoff": 0.0}
+
+
+def sampling_warpers(config: GenerationConfig) -> Any:
+    """The warpers transformers 5's `generate` applies when sampling with `config` (`_get_logits_processor`, one
+    beam): `TemperatureLogitsWarper`, `TopKLogitsWarper`, `TopPLogitsWarper`, `MinPLogitsWarper`,
+    `TypicalLogitsWarper`, `EpsilonLogitsWarper`, `EtaLogitsWarper`, each only when its setting acts, in that order.
+
+    Returns:
+        A `LogitsProcessorList`, or None when `config` asks for what `RowSampler` does not reproduce (beam search,
+        `top_h`, a watermark): such configs sample with transformers' own sampler.
+    """
+    from transformers import LogitsProcessorList
+    from transformers.generation.logits_process import (
+        EpsilonLogitsWarper,
+        EtaLogitsWarper,
+        MinPLogitsWarper,
+        TemperatureLogitsWarper,
+        TopKLogitsWarper,
+        TopPLogitsWarper,
+        TypicalLogitsWarper,
+    )
+
+    if ((config.num_beams or 1) > 1 or getattr(config, "top_h", None) is not None
+            or getattr(config, "watermarking_config", None) is not None):
+        return None
+    warpers = LogitsProcessorList()
+    if config.temperature is not None and config.temperature != 1.0:
+        warpers.append(TemperatureLogitsWarper(config.temperature))
+    if config.top_k is not None and config.top_k != 0:
+        warpers.append(TopKLogitsWarper(top_k=config.top_k, min_tokens_to_keep=1))
+    if config.top_p is not None and config.top_p < 1.0:
+        warpers.append(TopPLogitsWarper(top_p=config.top_p, min_tokens_to_keep=1))
+    if config.min_p is not None:
+        warpers.append(MinPLogitsWarper(min_p=config.min_p, min_tokens_to_keep=1))
+    if config.typical_p is not None and config.typical_p < 1.0:
+        warpers.append(TypicalLogitsWarper(mass=config.typical_p, min_tokens_to_keep=1))
+    if config.epsilon_cutoff is not None and 0.0 < config.epsilon_cutoff < 1.0:
+        warpers.append(EpsilonLogitsWarper(epsilon=config.epsilon_cutoff, min_tokens_to_keep=1))
+    if config.eta_cutoff is not None and 0.0 < config.eta_cutoff < 1.0:
+        warpers.append(EtaLogitsWarper(epsilon=config.eta_cutoff, min_tokens_to_keep=1))
+    return warpers
+
+
+class RowSampler:
+    """A transformers logits processor that samples every row of a batch from its own generator (Gumbel-max).
+
+    For each row it applies the sampling warpers to the scores, then adds Gumbel(0, 1) noise `-log(-log(u))`,
+    `u ~ U[0, 1)` drawn from that row's `torch.Generator` (on the CPU, so the draws are the same on every device).
+    Greedy decoding's argmax of the result is a draw from `softmax(warped scores)` — exactly the distribution that
+    transformers' `multinomial` sampling draws from (Gumbel 1954; Maddison et al. 2014, "A* Sampling") — and it uses
+    one `vocab`-sized draw of the row's own generator per new token, whichever rows share its batch.
+
+    Pass it to `generate` with a greedy config (`do_sample=False`, sampling knobs at their defaults): it must run
+    after the other processors (repetition penalty, `min_new_tokens`), as transformers' warpers do, and custom
+    processors come after those in a greedy `generate`.
+
+    Args:
+        warpers: `sampling_warpers(config)` of the config being sampled.
+        generators: one CPU `torch.Generator` per row of the batch, in row order.
+
+    Shapes: `scores` `[rows, vocab]` (float) in, the same shape out.
+    """
+
+    def __init__(self, warpers: Any, generators: Sequence[Any]) -> None:
+        self.warpers = warpers
+        self.generators = list(generators)
+
+    def __call__(self, input_ids: Any, scores: Any) -> Any:
+        import torch
+
+        if scores.shape[0] != len(self.generators):
+            raise ValueError(f"RowSampler: {scores.shape[0]} rows of scores for {len(self.generators)} generators")
+        scores = self.warpers(input_ids, scores)
+        uniform = torch.stack([torch.rand(scores.shape[1], generator=g, dtype=torch.float32)
+                               for g in self.generators])  # [rows, vocab]
+        gumbel = -torch.log(-torch.log(uniform))
+        return scores + gumbel.to(device=scores.device, dtype=scores.dtype)
+
+
+def sampler_name(config: GenerationConfig) -> str | None:
+    """How a seeded `generate_batched` draws with `config`, as recorded in a report's `sampling_params`: None for
+    greedy and beam search, `"gumbel_max_per_row"` (`RowSampler`) or `"transformers_multinomial"` (transformers'
+    sampler on torch's global generator, for configs `RowSampler` does not cover)."""
+    if not config.do_sample:
+        return None
+    return "gumbel_max_per_row" if sampling_warpers(config) is not None else "transformers_multinomial"
+
+
+def _row_sampling(config: GenerationConfig, seeds: Sequence[int] | None) -> tuple[Any, Any, list[Any]] | None:
+    """(the greedy config to decode with, the warpers, one generator per row) when `config` samples and `seeds`
+    are given and `RowSampler` can reproduce it (`sampling_warpers`); else None."""
+    import torch
+
+    if seeds is None or not config.do_sample:
+        return None
+    warpers = sampling_warpers(config)
+    if warpers is None:
+        return None
+    greedy = copy.deepcopy(config)
+    greedy.do_sample = False
+    for key, value in _WARPER_DEFAULTS.items():
+        setattr(greedy, key, value)
+    return greedy, warpers, [torch.Generator().manual_seed(int(s)) for s in seeds]
+
+
 def batch_groups(prompt_ids: Sequence[Sequence[int]], batch_size: int) -> list[list[int]]:
     """The prompts of each `generate` call of `generate_batched`: indices ordered longest prompt first (ties: input
     order), cut into groups of `batch_size`, so a batch pads little."""
@@ -203,6 +317,7 @@ def generate_batched(
     batch_size: int,
     skip_special_tokens: bool = True,
     seed: int | None = None,
+    row_seeds: Sequence[int] | None = None,
     compact_every: int | None = COMPACT_EVERY,
     growing_cache: bool = True,
 ) -> list[Generation]:
@@ -212,8 +327,11 @@ def generate_batched(
     the input order. Only the new tokens are decoded, cut at the first `</s>` (kept in `token_ids`; dropped from
     `text` when `skip_special_tokens`).
 
-    Sampling draws from torch's global generator, seeded once here with `seed`: a fixed seed, batch size and prompt
-    list give the same outputs; another batch size draws differently (greedy outputs do not depend on it).
+    With a seed (`seed` or `row_seeds`), sampling draws each prompt's output from its own generator (`RowSampler`):
+    the outputs depend on the prompt, its seed and the model only, not on `batch_size`, `compact_every` or the other
+    prompts. Configs that `RowSampler` does not cover (`sampling_warpers` returns None) and unseeded calls sample
+    with transformers' sampler from torch's global generator (seeded once with `seed` when given), whose draws
+    depend on the batch. Greedy outputs never depend on it.
 
     Args:
         model: a causal LM in eval mode.
@@ -222,7 +340,8 @@ def generate_batched(
         generation_config: from `resolve_generation_config` (its `eos_token_id` ends an output).
         batch_size: rows per `generate` call.
         skip_special_tokens: drop special tokens (`</s>`, `<|assistant|>`, ...) from the decoded text.
-        seed: seeds torch's generator before the first batch (None leaves it as it is).
+        seed: the seed of prompt j is `derive_seed(seed, j)` (ignored when `row_seeds` is given).
+        row_seeds: one seed per prompt (e.g. a report's outputs: `derive_seed(sample seed, prompt index)`).
         compact_every: new tokens per `generate` call; finished rows leave the batch between calls (see the module
             docstring). None: one call per batch, finished rows kept to the end (transformers' behaviour). Ignored
             (None) for a batch of one row (nothing to drop; the same outputs, sampled ones included), for beam
@@ -236,7 +355,7 @@ def generate_batched(
 
     Raises:
         ValueError: an empty prompt, `batch_size` < 1, `compact_every` < 1, no `max_new_tokens`, an absolute
-            `min_length` without `min_new_tokens`, or `num_return_sequences` > 1.
+            `min_length` without `min_new_tokens`, `num_return_sequences` > 1, or `row_seeds` not one per prompt.
     """
     import torch
 
@@ -259,9 +378,18 @@ def generate_batched(
     eos = eos[0] if isinstance(eos, list) else eos
     pad = generation_config.pad_token_id if generation_config.pad_token_id is not None else eos
     device = next(model.parameters()).device
+    if row_seeds is not None and len(row_seeds) != len(prompt_ids):
+        raise ValueError(f"generate_batched: {len(row_seeds)} row_seeds for {len(prompt_ids)} prompts")
+    if row_seeds is None and seed is not None:
+        row_seeds = [derive_seed(seed, j) for j in range(len(prompt_ids))]
+    per_row = _row_sampling(generation_config, row_seeds)
+    if per_row is not None:
+        generation_config, warpers, generators = per_row
+    else:
+        warpers, generators = None, [None] * len(prompt_ids)
+        if seed is not None:
+            torch.manual_seed(seed)
     results: dict[int, Generation] = {}
-    if seed is not None:
-        torch.manual_seed(seed)
     with torch.inference_mode():
         for rows in batch_groups(prompt_ids, batch_size):
             width = max(len(prompt_ids[i]) for i in rows)
@@ -271,8 +399,9 @@ def generate_batched(
                 ids = torch.tensor(list(prompt_ids[i]), dtype=torch.long)
                 input_ids[r, width - len(ids) :] = ids
                 attention_mask[r, width - len(ids) :] = 1
+            sampler = (warpers, [generators[i] for i in rows]) if warpers is not None else None
             new = _generate_compacting(model, input_ids.to(device), attention_mask.to(device), generation_config,
-                                       eos, pad, compact_every, growing_cache)
+                                       eos, pad, compact_every, growing_cache, sampler)
             for r, i in enumerate(rows):
                 kept, ended = cut_at_eos(new[r], eos)
                 text = tokenizer.decode(kept, skip_special_tokens=skip_special_tokens)
@@ -312,28 +441,39 @@ def prefill_groups(lengths: Sequence[int], pass_cost: int = PREFILL_PASS_COST) -
 
 
 def _generate_compacting(model: PreTrainedModel, input_ids: Any, attention_mask: Any, generation_config: GenerationConfig,
-                         eos: int, pad: int, compact_every: int | None, growing_cache: bool = True
-                         ) -> list[list[int]]:
+                         eos: int, pad: int, compact_every: int | None, growing_cache: bool = True,
+                         sampler: tuple[Any, list[Any]] | None = None) -> list[list[int]]:
     """The new token ids of each row of one left-padded batch (`input_ids`, `attention_mask`: [batch, seq_len]),
     generated `compact_every` tokens per `generate` call, finished rows dropped between calls (module docstring).
+    With `sampler` (the warpers, one generator per row), every call samples its rows with a `RowSampler` over
+    those rows' generators (`generation_config` is then the greedy one of `_row_sampling`).
 
     When the prompt lengths differ enough (`prefill_groups`), each group of similar length first runs its prefill and
     first new token apart, at its own width; the groups' KV caches are then left-padded to the batch width and joined
     (`_join_prefilled`), and decoding goes on as one batch, exactly as if the batch had been prefilled together."""
     import torch
+    from transformers import LogitsProcessorList
+
+    def processors(rows: Any) -> dict[str, Any]:
+        """The `logits_processor` argument for a call on the batch's rows `rows` (indices into `input_ids`)."""
+        if sampler is None:
+            return {}
+        warpers, generators = sampler
+        return {"logits_processor": LogitsProcessorList([RowSampler(warpers, [generators[int(r)] for r in rows])])}
 
     total = generation_config.max_new_tokens
     if (compact_every is None or input_ids.shape[0] == 1 or (generation_config.num_beams or 1) > 1
             or generation_config.use_cache is False or generation_config.cache_implementation not in (None, "dynamic")):
         cache = _growing_cache(model, generation_config, input_ids.shape[1] + total) if growing_cache else None
         out = model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=generation_config,
-                             **({"cache": cache} if cache is not None else {}))
+                             **({"cache": cache} if cache is not None else {}), **processors(range(input_ids.shape[0])))
         return out[:, input_ids.shape[1]:].tolist()  # [batch, new_tokens]
     width = input_ids.shape[1]
     min_new = generation_config.min_new_tokens or 0
 
-    def call(sequences: Any, mask: Any, cache: Any, done: int, tokens: int) -> tuple[Any, Any, int]:
-        """(sequences after the call, its KV cache, new tokens asked) for up to `tokens` more tokens."""
+    def call(sequences: Any, mask: Any, cache: Any, done: int, tokens: int, rows: Any) -> tuple[Any, Any, int]:
+        """(sequences after the call, its KV cache, new tokens asked) for up to `tokens` more tokens; `rows`: the
+        batch rows (indices into `input_ids`) that `sequences` holds, in order."""
         step = copy.deepcopy(generation_config)
         step.max_new_tokens = min(tokens, total - done)
         # 0, not None, once the minimum is met: generate fills None from the model's own generation_config (a
@@ -342,7 +482,8 @@ def _generate_compacting(model: PreTrainedModel, input_ids: Any, attention_mask:
         step.min_length = None  # min_new_tokens rules (an absolute min_length is refused above); a set min_length
         # beside it only makes generate warn on every call
         step.return_dict_in_generate = True
-        out = model.generate(input_ids=sequences, attention_mask=mask, generation_config=step, cache=cache)
+        out = model.generate(input_ids=sequences, attention_mask=mask, generation_config=step, cache=cache,
+                             **processors(rows))
         return out.sequences, out.cache, step.max_new_tokens
 
     new_ids: list[list[int]] = [[] for _ in range(input_ids.shape[0])]
@@ -357,7 +498,7 @@ def _generate_compacting(model: PreTrainedModel, input_ids: Any, attention_mask:
         for group in groups:  # each group's prefill and first new token, at the group's own width
             index = torch.tensor(group, device=input_ids.device)
             w = int(attention_mask[index].sum(dim=1).max())
-            parts.append((index, *call(input_ids[index, -w:], attention_mask[index, -w:], None, 0, 1)[:2]))
+            parts.append((index, *call(input_ids[index, -w:], attention_mask[index, -w:], None, 0, 1, group)[:2]))
         joined = _join_prefilled(parts, width, pad, capacity=width + total if growing_cache else None)
         if joined is not None:
             order, produced, joined_cache = joined
@@ -365,7 +506,7 @@ def _generate_compacting(model: PreTrainedModel, input_ids: Any, attention_mask:
             sequences, mask = input_ids[order], attention_mask[order]
             pending = (produced, joined_cache, 1)
     while True:
-        produced, cache, asked = pending or call(sequences, mask, cache, done, compact_every)
+        produced, cache, asked = pending or call(sequences, mask, cache, done, compact_every, rows.tolist())
         pending = None
         made = produced.shape[1] - sequences.shape[1]  # fewer than asked when every row ended
         done += made

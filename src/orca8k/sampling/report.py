@@ -5,10 +5,13 @@ date, an `index.html` that shows them side by side (`orca8k.sampling.html`), and
 registry gate reads: `{"outputs", "empty_outputs", "proper_end_rate", "files", ...}`.
 
 Decoding follows OA's `sampling_report.py`: each configuration is merged over the file's `default`; sampled
-configurations run `num_samples` times, greedy ones once. Unlike OA, prompts run in batches, each sample of a
-configuration is seeded on its own (`derive_seed(seed, name, i)`), and `sampling_params` records the parameters
-that acted (library defaults and the checkpoint's generation config included), the seeds and the model's dtype and
-RoPE settings — not just the file's `generate_args`.
+configurations run `num_samples` times, greedy ones once. Unlike OA, prompts run in batches, and every output has
+a seed of its own: sample i of a configuration is seeded with `derive_seed(seed, name, i)`, and its output for prompt j
+draws from a generator seeded with `derive_seed(that seed, j)` (`generate_batched`'s row seeds). The samples of a
+configuration therefore run together, `num_samples` × prompts rows, and an output does not depend on the batch size,
+the compaction or the other prompts: one at a time gives the same report. `sampling_params` records the parameters
+that acted (library defaults and the checkpoint's generation config included), the seeds, the sampler and the model's
+dtype and RoPE settings — not just the file's `generate_args`.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from orca8k.sampling.generation import (
     generate_batched,
     model_facts,
     resolve_generation_config,
+    sampler_name,
 )
 from orca8k.sampling.html import render_index
 from orca8k.sampling.schema import (
@@ -99,7 +103,7 @@ def sample_reports(
         mode: `v3` (system block from `pre_text`) or `v2_5` (see `build_prompt_ids`).
         num_samples: outputs per prompt for a sampled configuration (greedy ones get 1; OA's `--num-samples`).
         max_new_tokens: overrides every configuration's `max_new_tokens` (the demo's shorter budget).
-        batch_size: prompts per `generate` call.
+        batch_size: rows (prompt × sample) per `generate` call.
         compact_every: new tokens per `generate` call; finished rows leave the batch between calls
             (`generate_batched`; None keeps them to the end).
         skip_special_tokens: drop special tokens from the decoded outputs.
@@ -135,20 +139,20 @@ def sample_reports(
         ]
         runs = 1 if not gen_config.do_sample else num_samples
         seeds = [derive_seed(seed, name, i) for i in range(runs)]
-        per_sample = [
-            generate_batched(
-                model, tokenizer, prompt_ids, gen_config,
-                batch_size=batch_size, compact_every=compact_every, skip_special_tokens=skip_special_tokens, seed=s,
-            )
-            for s in seeds
-        ]
-        per_prompt = [[per_sample[i][j] for i in range(runs)] for j in range(len(prompts))]
+        # every sample of every prompt in one call: row (i, j) is prompt j, seeded as sample i of it
+        outputs = generate_batched(
+            model, tokenizer, [ids for _ in range(runs) for ids in prompt_ids], gen_config,
+            batch_size=batch_size, compact_every=compact_every, skip_special_tokens=skip_special_tokens,
+            row_seeds=[derive_seed(s, j) for s in seeds for j in range(len(prompt_ids))],
+        )
+        per_prompt = [[outputs[i * len(prompts) + j] for i in range(runs)] for j in range(len(prompts))]
         params = drop_nulls({
             **effective_params(gen_config),
             "seed": seed,
             "sample_seeds": seeds,
             "batch_size": batch_size,
-            "compact_every": compact_every,  # sampled draws depend on it, as on batch_size
+            "compact_every": compact_every,
+            "sampler": sampler_name(gen_config),
             "mode": mode,
             "pre_text": sc.pre_text or None,
             "add_prefix_tokens": bool(sc.add_prefix_tokens) if mode == "v2_5" and sc.pre_text else None,

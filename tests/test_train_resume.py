@@ -21,8 +21,8 @@ pytestmark = pytest.mark.slow  # four `orca8k train` processes (≈ 10 s each on
 FIXED_THREADS = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
 
-def _train(root, inputs, store, extra_env=None, check=True):
-    sets = tiny_train_overrides(root, inputs, store)
+def _train(root, inputs, store, extra_env=None, check=True, **overrides):
+    sets = {**tiny_train_overrides(root, inputs, store), **overrides}
     env = {**FIXED_THREADS, **(extra_env or {})}
     return run_cli("train", "--params", str(REPO / "params.yaml"), *as_cli_sets(sets), cwd=root, env=env, check=check)
 
@@ -79,3 +79,25 @@ def test_killed_runs_resume_to_identical_weights(tmp_path, train_inputs, trackin
             return max((m.step, m.timestamp, m.value) for m in c.get_metric_history(rid, key))[::2]
 
         assert final(run_id) == final(ref_id) and final(run_id)[0] == 6
+
+
+def test_a_finished_run_rerun_trains_no_further_step(tmp_path, train_inputs, tracking_store):
+    """Rerunning a finished run (same inputs: `dvc repro -f`, or a crash after the last checkpoint) resumes from the
+    checkpoint at `max_steps` and must not train on: transformers' loop runs one more optimizer step when that
+    checkpoint falls mid-epoch (4 of the fixture's 6 steps per epoch). The weights stay the finished run's, bit for
+    bit, and the metrics say step 4."""
+    root = tmp_path / "run"
+    root.mkdir()
+    _train(root, train_inputs, tracking_store, **{"train.max_steps": 4})
+    finished = _weights(root)
+    first = json.loads((root / "metrics" / "train.json").read_text())
+    assert first["global_step"] == 4 and 0 < first["epoch"] < 1  # mid-epoch: where the extra step came from
+
+    proc = _train(root, train_inputs, tracking_store, **{"train.max_steps": 4})
+    assert "resuming from checkpoint-4" in proc.stdout
+    metrics = json.loads((root / "metrics" / "train.json").read_text())
+    assert metrics["global_step"] == 4 and metrics["resumed_from_step"] == 4 and metrics["tokens_this_run"] == 0
+    assert metrics["eval_loss"] == first["eval_loss"] and metrics["train_loss"] == first["train_loss"]
+    assert not (root / "artifacts" / "checkpoints" / "checkpoint-5").exists()
+    again = _weights(root)
+    assert [k for k in finished if not torch.equal(finished[k], again[k])] == []

@@ -147,6 +147,16 @@ class Orca8kTrainer(Trainer):
             return self.step_learning_rate
         return super()._get_learning_rate()
 
+    # -------------------------------------------------------------- resume
+    def _run_epoch(self, *args: Any, **kwargs: Any) -> Any:
+        # transformers 5's loop checks `max_steps` only after an optimizer step: resumed from a checkpoint at
+        # `max_steps` that falls mid-epoch (a finished run rerun with the same inputs), it would train one step past
+        # the budget. A finished run trains no further; the weights stay the checkpoint's.
+        if self.state.max_steps > 0 and self.state.global_step >= self.state.max_steps:
+            self.control.should_training_stop = True
+            return None
+        return super()._run_epoch(*args, **kwargs)
+
     # -------------------------------------------------------------- guard
     def training_step(self, model, inputs, num_items_in_batch=None):
         if self._step_starts:  # before any backward of this step: the LR the optimiser will apply

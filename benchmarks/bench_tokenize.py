@@ -3,6 +3,7 @@
     python benchmarks/bench_tokenize.py                       # ≥ 10 M tokens of ../shared/realdata, repeated
     python benchmarks/bench_tokenize.py --tokens 2000000      # a quicker look
     python benchmarks/bench_tokenize.py --packing-strategy bfd_text_fill   # the stage with text fill
+    python benchmarks/bench_tokenize.py --num-proc 2          # the stage with two datasets.map worker processes
 
 What it does, in one process (ratios are measured within one run, so machine load hits all sides alike):
 1. start-up: the stage's imports in a fresh interpreter (datasets, transformers, pyarrow, and Great Expectations for

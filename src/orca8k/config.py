@@ -361,7 +361,7 @@ class SamplingConfig(StrictModel):
     mode: Literal["v3", "v2_5"] = Field("v3", description="v3: pre_text as a <|system|> block; v2_5: no system block.")
     num_samples: int = Field(2, ge=1, description="Outputs per prompt for a sampled configuration (greedy: 1).")
     max_new_tokens: int | None = Field(None, ge=1, description="Overrides the file's max_new_tokens (demo: smaller).")
-    batch_size: int = Field(8, ge=1, description="Prompts per generate call (left-padded).")
+    batch_size: int = Field(8, ge=1, description="Rows (prompt × sample) per generate call (left-padded).")
     compact_every: int | None = Field(8, ge=1, description="New tokens per generate call: finished rows leave the "
                                       "batch and its KV cache between calls (null: kept to the end, one call).")
     skip_special_tokens: bool = True

@@ -415,6 +415,56 @@ def test_seeded_sampling_does_not_depend_on_the_batch(tokenizer, encoder, name):
     assert run(batch_size=4, seed=12) != reference
 
 
+def test_seeded_sampling_survives_prefill_groups_that_cannot_be_joined(tokenizer, encoder, monkeypatch):
+    """When the groups' caches cannot be joined (sliding-window or quantised caches), their first tokens are dropped
+    and the batch starts over: the rows' generators go back to where they were, so the outputs stay those of one
+    prompt at a time (they came out one token shifted before)."""
+    import orca8k.sampling.generation as generation
+
+    model = make_tiny_llama(len(tokenizer), context=256)
+    prompts = [build_prompt_ids(encoder, q) for q in ("one", "two three", "eight " * 40, "nine")]
+    assert len(prefill_groups([len(p) for p in prompts])) > 1
+    config = resolve_generation_config(model, {**OA_SAMPLED["nucleus9"], **OA_SHARED}, eos_token_id=encoder.eos_id,
+                                       pad_token_id=tokenizer.pad_token_id)
+    reference = [g.token_ids for g in generate_batched(model, tokenizer, prompts, config, batch_size=1, seed=3)]
+    joins = []
+    monkeypatch.setattr(generation, "_join_prefilled", lambda *a, **kw: joins.append(1))
+    out = generate_batched(model, tokenizer, prompts, config, batch_size=4, compact_every=3, seed=3)
+    assert joins and [g.token_ids for g in out] == reference
+
+
+def test_configs_row_sampler_does_not_cover_are_seeded_from_the_row_seeds(tokenizer, encoder):
+    """Beam sampling uses transformers' sampler (torch's global generator): with row seeds the call seeds it, so the
+    outputs do not depend on what ran before."""
+    import torch
+
+    model = make_tiny_llama(len(tokenizer), context=256)
+    prompts = [build_prompt_ids(encoder, q) for q in ("one", "two three")]
+    config = resolve_generation_config(model, {"do_sample": True, "num_beams": 2, "max_new_tokens": 6},
+                                       eos_token_id=encoder.eos_id, pad_token_id=tokenizer.pad_token_id)
+    assert sampler_name(config) == "transformers_multinomial"
+    runs = []
+    for state in (0, 1):
+        torch.manual_seed(state)
+        runs.append([g.token_ids for g in generate_batched(model, tokenizer, prompts, config, batch_size=2,
+                                                           row_seeds=[5, 6])])
+    assert runs[0] == runs[1]
+
+
+def test_gumbel_noise_is_float64_and_finite():
+    """float64 uniforms: the noise reaches far beyond float32's 16.6-nat ceiling (so a token ~20 nats below the best
+    can still be drawn), and u = 0 gives a finite value instead of -inf."""
+    import torch
+
+    from orca8k.sampling.generation import gumbel_noise
+
+    noise = gumbel_noise([torch.Generator().manual_seed(s) for s in range(3)], 1000)
+    assert noise.shape == (3, 1000) and noise.dtype == torch.float64 and torch.isfinite(noise).all()
+    zero = torch.finfo(torch.float64).tiny
+    assert -torch.log(-torch.log(torch.tensor(1 - 2.0**-53, dtype=torch.float64))) > 36
+    assert torch.isfinite(-torch.log(-torch.log(torch.tensor(zero, dtype=torch.float64))))
+
+
 def test_row_sampler_draws_from_the_warped_distribution():
     """Gumbel-max over the warped scores draws from softmax(warped scores): temperature 0.5 then top_k 3 on fixed
     scores, 20,000 draws of one generator, frequencies within 0.012 (> 4 standard deviations) of the softmax; the
@@ -450,10 +500,68 @@ def test_sampling_warpers_are_transformers_own_in_its_order():
     assert names(temperature=0.7, top_k=0, min_p=0.1, typical_p=0.9, epsilon_cutoff=3e-4, eta_cutoff=1e-3) == [
         "TemperatureLogitsWarper", "MinPLogitsWarper", "TypicalLogitsWarper", "EpsilonLogitsWarper",
         "EtaLogitsWarper"]
-    # what RowSampler does not reproduce samples with transformers' own sampler
-    beams = GenerationConfig(do_sample=True, num_beams=2)
-    assert sampling_warpers(beams) is None and sampler_name(beams) == "transformers_multinomial"
+    # what RowSampler does not reproduce samples with transformers' own sampler: beams, and settings that would turn
+    # the greedy decoding it runs under into contrastive search or assisted decoding
+    for other in ({"num_beams": 2}, {"penalty_alpha": 0.6, "top_k": 4}, {"prompt_lookup_num_tokens": 3}):
+        config = GenerationConfig(do_sample=True, **other)
+        assert sampling_warpers(config) is None and sampler_name(config) == "transformers_multinomial"
     assert sampler_name(GenerationConfig(do_sample=False)) is None
+
+
+def test_row_sampler_chain_equals_transformers_sampling_chain(tokenizer):
+    """The processors `generate` runs when sampling give bit for bit the scores of the greedy chain it runs under
+    `RowSampler` plus its warpers (before the noise), on a model whose generation_config carries Llama-2's sampling
+    defaults (temperature 0.6, top_p 0.9), for the seed's configurations and every warper at once. The chains are
+    read from `generate` itself (its `_sample` step, stopped before decoding)."""
+    import torch
+    from transformers import GenerationConfig, LogitsProcessorList
+    from transformers.generation.utils import GenerationMixin
+
+    from orca8k.sampling.generation import _row_sampling
+
+    model = make_tiny_llama(len(tokenizer), context=256)
+    model.generation_config = GenerationConfig(bos_token_id=1, eos_token_id=2, pad_token_id=2, do_sample=True,
+                                               temperature=0.6, top_p=0.9)
+
+    class Stop(Exception):
+        pass
+
+    def chain(config, extra=None):
+        seen = {}
+
+        def spy(self, input_ids, logits_processor, *args, **kwargs):
+            seen["processors"] = logits_processor
+            raise Stop
+
+        ids, mask = torch.tensor([[2, 2, 1, 5, 6, 7, 5]]), torch.tensor([[0, 0, 1, 1, 1, 1, 1]])
+        original = GenerationMixin._sample
+        GenerationMixin._sample = spy
+        try:
+            with pytest.raises(Stop):
+                model.generate(input_ids=ids, attention_mask=mask, generation_config=config,
+                               **({"logits_processor": extra} if extra else {}))
+        finally:
+            GenerationMixin._sample = original
+        return seen["processors"]
+
+    everything = {"temperature": 0.7, "top_k": 10, "top_p": 0.95, "min_p": 0.05, "typical_p": 0.9,
+                  "epsilon_cutoff": 1e-3, "eta_cutoff": 1e-3}
+    torch.manual_seed(0)
+    for args in (*OA_SAMPLED.values(), {"do_sample": True, "top_k": 0}, {"do_sample": True, **everything}):
+        config = resolve_generation_config(model, {**args, "repetition_penalty": 1.2, "min_new_tokens": 4,
+                                                   "max_new_tokens": 8}, eos_token_id=2, pad_token_id=2)
+        sampling = chain(config)
+        greedy, warpers, generators = _row_sampling(config, [1])
+        sampler = RowSampler(warpers, generators)
+        under_row_sampler = chain(greedy, LogitsProcessorList([sampler]))
+        assert under_row_sampler[-1] is sampler and len(sampling) == len(under_row_sampler) - 1 + len(warpers)
+        for length in (7, 9, 15):
+            ids = torch.randint(0, 64, (1, length))
+            scores = torch.randn(1, len(tokenizer)) * 3
+            ours = scores.clone()
+            for processor in under_row_sampler:
+                ours = processor.warpers(ids, ours) if processor is sampler else processor(ids, ours)
+            assert torch.equal(sampling(ids, scores.clone()), ours)
 
 
 def test_bad_arguments_raise(tokenizer):

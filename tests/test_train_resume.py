@@ -98,6 +98,14 @@ def test_a_finished_run_rerun_trains_no_further_step(tmp_path, train_inputs, tra
     metrics = json.loads((root / "metrics" / "train.json").read_text())
     assert metrics["global_step"] == 4 and metrics["resumed_from_step"] == 4 and metrics["tokens_this_run"] == 0
     assert metrics["eval_loss"] == first["eval_loss"] and metrics["train_loss"] == first["train_loss"]
+    # no step this call: no average over it (the Trainer's would be 0), in train.json and in the MLflow run
+    assert metrics["train_loss_mean"] is None and metrics["tokens_per_second"] is None
+    assert first["train_loss_mean"] > 0 and first["tokens_per_second"] > 0
+    import mlflow
+
+    run_id = json.loads((root / "metrics" / "mlflow_run.json").read_text())["run_id"]
+    history = mlflow.MlflowClient(tracking_uri=tracking_store["uri"]).get_metric_history(run_id, "train_loss")
+    assert history and all(m.value > 0 for m in history)
     assert not (root / "artifacts" / "checkpoints" / "checkpoint-5").exists()
     again = _weights(root)
     assert [k for k in finished if not torch.equal(finished[k], again[k])] == []

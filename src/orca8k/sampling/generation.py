@@ -205,7 +205,9 @@ def sampling_warpers(config: GenerationConfig) -> Any:
 
     Returns:
         A `LogitsProcessorList`, or None when `config` asks for what `RowSampler` does not reproduce (beam search,
-        `top_h`, a watermark): such configs sample with transformers' own sampler.
+        `top_h`, a watermark, or settings that would turn the greedy decoding it runs under into another mode:
+        `penalty_alpha` (contrastive search), `prompt_lookup_num_tokens` (assisted decoding)): such configs sample
+        with transformers' own sampler.
     """
     from transformers import LogitsProcessorList
     from transformers.generation.logits_process import (
@@ -218,8 +220,8 @@ def sampling_warpers(config: GenerationConfig) -> Any:
         TypicalLogitsWarper,
     )
 
-    if ((config.num_beams or 1) > 1 or getattr(config, "top_h", None) is not None
-            or getattr(config, "watermarking_config", None) is not None):
+    if ((config.num_beams or 1) > 1 or any(getattr(config, key, None) is not None for key in (
+            "top_h", "watermarking_config", "penalty_alpha", "prompt_lookup_num_tokens"))):
         return None
     warpers = LogitsProcessorList()
     if config.temperature is not None and config.temperature != 1.0:
@@ -243,7 +245,9 @@ class RowSampler:
     """A transformers logits processor that samples every row of a batch from its own generator (Gumbel-max).
 
     For each row it applies the sampling warpers to the scores, then adds Gumbel(0, 1) noise `-log(-log(u))`,
-    `u ~ U[0, 1)` drawn from that row's `torch.Generator` (on the CPU, so the draws are the same on every device).
+    `u ~ U[0, 1)` drawn in float64 from that row's `torch.Generator` (on the CPU, so the draws are the same on every
+    device; float64 so the noise reaches ≈ 36.7 nats, where float32's stops at 16.6 and would never pick a token
+    more than ≈ 19 nats below the best; `u` is kept above 0, so the noise is finite).
     Greedy decoding's argmax of the result is a draw from `softmax(warped scores)` — exactly the distribution that
     transformers' `multinomial` sampling draws from (Gumbel 1954; Maddison et al. 2014, "A* Sampling") — and it uses
     one `vocab`-sized draw of the row's own generator per new token, whichever rows share its batch.
@@ -264,15 +268,21 @@ class RowSampler:
         self.generators = list(generators)
 
     def __call__(self, input_ids: Any, scores: Any) -> Any:
-        import torch
 
         if scores.shape[0] != len(self.generators):
             raise ValueError(f"RowSampler: {scores.shape[0]} rows of scores for {len(self.generators)} generators")
         scores = self.warpers(input_ids, scores)
-        uniform = torch.stack([torch.rand(scores.shape[1], generator=g, dtype=torch.float32)
-                               for g in self.generators])  # [rows, vocab]
-        gumbel = -torch.log(-torch.log(uniform))
-        return scores + gumbel.to(device=scores.device, dtype=scores.dtype)
+        return scores + gumbel_noise(self.generators, scores.shape[1]).to(device=scores.device, dtype=scores.dtype)
+
+
+def gumbel_noise(generators: Sequence[Any], size: int) -> Any:
+    """Gumbel(0, 1) noise `[len(generators), size]` (float64, finite), row r drawn from `generators[r]`: one
+    `torch.rand(size, dtype=float64)` per row, kept above 0, through `-log(-log(u))`."""
+    import torch
+
+    uniform = torch.stack([torch.rand(size, generator=g, dtype=torch.float64) for g in generators])
+    tiny = torch.finfo(torch.float64).tiny
+    return -torch.log(-torch.log(uniform.clamp_(min=tiny)))
 
 
 def sampler_name(config: GenerationConfig) -> str | None:
@@ -330,8 +340,8 @@ def generate_batched(
     With a seed (`seed` or `row_seeds`), sampling draws each prompt's output from its own generator (`RowSampler`):
     the outputs depend on the prompt, its seed and the model only, not on `batch_size`, `compact_every` or the other
     prompts. Configs that `RowSampler` does not cover (`sampling_warpers` returns None) and unseeded calls sample
-    with transformers' sampler from torch's global generator (seeded once with `seed` when given), whose draws
-    depend on the batch. Greedy outputs never depend on it.
+    with transformers' sampler from torch's global generator (seeded once with `seed`, or with
+    `derive_seed(*row_seeds)`, when given), whose draws depend on the batch. Greedy outputs never depend on it.
 
     Args:
         model: a causal LM in eval mode.
@@ -389,6 +399,8 @@ def generate_batched(
         warpers, generators = None, [None] * len(prompt_ids)
         if seed is not None:
             torch.manual_seed(seed)
+        elif row_seeds is not None and generation_config.do_sample:  # transformers' sampler: one seed for the call
+            torch.manual_seed(derive_seed(*row_seeds))
     results: dict[int, Generation] = {}
     with torch.inference_mode():
         for rows in batch_groups(prompt_ids, batch_size):
@@ -495,6 +507,9 @@ def _generate_compacting(model: PreTrainedModel, input_ids: Any, attention_mask:
     pending = None  # the first call's (sequences, cache, tokens asked) when the groups' prefills were joined
     if len(groups) > 1:
         parts = []
+        # the groups' first tokens draw once from each row's generator; if their caches cannot be joined, that work
+        # is dropped and the batch starts over, so the generators go back to where they were
+        states = [g.get_state() for g in sampler[1]] if sampler is not None else []
         for group in groups:  # each group's prefill and first new token, at the group's own width
             index = torch.tensor(group, device=input_ids.device)
             w = int(attention_mask[index].sum(dim=1).max())
@@ -505,6 +520,9 @@ def _generate_compacting(model: PreTrainedModel, input_ids: Any, attention_mask:
             rows = order.cpu()
             sequences, mask = input_ids[order], attention_mask[order]
             pending = (produced, joined_cache, 1)
+        else:
+            for generator, state in zip(sampler[1] if sampler is not None else [], states, strict=True):
+                generator.set_state(state)
     while True:
         produced, cache, asked = pending or call(sequences, mask, cache, done, compact_every, rows.tolist())
         pending = None

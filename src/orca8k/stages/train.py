@@ -98,12 +98,14 @@ def train(cfg: Config, layout: Layout) -> dict[str, Any]:
         save_final_model(trainer, layout.model)
         train_entry = _last(state.log_history, "loss")
         tokens = int(state.num_input_tokens_seen)
+        # a finished run rerun (resumed at max_steps) trains no step: the Trainer's averages over it are 0, not values
+        trained = state.global_step > (setup.resumed_from or 0)
         metrics = {
             "global_step": state.global_step,
             "max_steps": state.max_steps,
             "epoch": round(float(state.epoch or 0.0), 4),
             "train_loss": float(train_entry["loss"]) if train_entry else None,
-            "train_loss_mean": round(float(output.training_loss), 6),
+            "train_loss_mean": round(float(output.training_loss), 6) if trained else None,
             "eval_loss": final_eval["eval_loss"],
             "eval": {name: {"eval_loss": final_eval[f"eval_{name}_loss"],
                             "supervised_tokens": int(final_eval[f"eval_{name}_supervised_tokens"])}
@@ -111,7 +113,8 @@ def train(cfg: Config, layout: Layout) -> dict[str, Any]:
             "tokens": tokens,
             "tokens_this_run": tokens - tokens_before,
             "train_seconds": round(train_seconds, 2),
-            "tokens_per_second": round((tokens - tokens_before) / train_seconds, 1) if train_seconds > 0 else None,
+            "tokens_per_second": (round((tokens - tokens_before) / train_seconds, 1) if trained and train_seconds > 0
+                                  else None),
             "stopped_by_max_seconds": setup.guard.stopped_by_budget_at is not None,
             "resumed_from_step": setup.resumed_from or 0,
             "parameters": setup.facts.get("parameters"),

@@ -18,6 +18,7 @@ from orca8k.sampling.generation import (
     generate_batched,
     model_facts,
     prefill_groups,
+    prompt_seed,
     resolve_generation_config,
     sampler_name,
     sampling_warpers,
@@ -408,10 +409,13 @@ def test_seeded_sampling_does_not_depend_on_the_batch(tokenizer, encoder, name):
     assert len(set(reference)) == len(reference)  # five different draws
     for batch_size, every in ((len(prompts), 3), (len(prompts), None), (2, 1), (3, 100)):
         assert run(batch_size=batch_size, seed=11, compact_every=every) == reference
-    # row seeds: prompt j of `seed` is seeded with derive_seed(seed, j), so a subset run with its seeds matches
-    seeds = [derive_seed(11, j) for j in range(len(prompts))]
-    assert run(prompts[3:], batch_size=4, row_seeds=seeds[3:]) == reference[3:]
-    assert run(prompts[::-1], batch_size=4, row_seeds=seeds[::-1]) == reference[::-1]
+    # a prompt's seed is prompt_seed(seed, its ids): a subset, another order or more prompts leave its draws alone
+    assert run(prompts[3:], batch_size=4, seed=11) == reference[3:]
+    assert run(prompts[::-1], batch_size=4, seed=11) == reference[::-1]
+    extra = [build_prompt_ids(encoder, "ten eleven")]
+    assert run(extra + prompts, batch_size=3, seed=11)[1:] == reference
+    seeds = [prompt_seed(11, ids) for ids in prompts]
+    assert run(prompts[1:3], batch_size=4, row_seeds=seeds[1:3]) == reference[1:3]
     assert run(batch_size=4, seed=12) != reference
 
 

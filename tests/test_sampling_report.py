@@ -190,6 +190,16 @@ def test_generate_cli_prints_replies(run_dir):
     assert lines[3] == f"### {model_dir} [greedy] prompt: {QA[2][0]}" and lines[4] == QA[2][1]
 
 
+def test_generate_cli_rejects_an_unknown_configuration_before_loading_the_model(run_dir):
+    proc = run_cli(
+        "generate", "--params", str(REPO / "params.yaml"), "--set", f"paths.root={run_dir}", "--set", "sampling.config_file=conf.json",
+        "--model", str(run_dir / "no-such-model"), "--config", "nope", "Hello?", cwd=run_dir, check=False,
+    )
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "--config nope: not in conf.json (have: nucleus9, k50, greedy)" in proc.stderr
+    assert "no-such-model" not in proc.stderr  # the model was never looked for
+
+
 def test_generate_reuses_the_loaded_model(run_dir):
     from orca8k.generate import generate
 

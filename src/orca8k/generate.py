@@ -27,6 +27,7 @@ if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
     from orca8k.sampling.generation import Generation
+    from orca8k.sampling.schema import SamplingConfig
 
 
 def load_for_generation(cfg: Config, model: str | None) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, str]:
@@ -62,6 +63,23 @@ def load_for_generation(cfg: Config, model: str | None) -> tuple[PreTrainedModel
     return m, tok, name
 
 
+def sampling_configuration(cfg: Config, config_name: str) -> SamplingConfig:
+    """The configuration `config_name` of `cfg.sampling.config_file`, merged over the file's `default`.
+
+    Raises:
+        ConfigError: no configuration of that name in the file.
+        orca8k.errors.DataError: the configuration file is missing or malformed.
+    """
+    from orca8k.layout import repo_file
+    from orca8k.sampling.schema import load_configuration
+
+    configuration = load_configuration(repo_file(cfg.sampling.config_file))
+    merged = {c.name: c for c in configuration.merged()}
+    if config_name not in merged:
+        raise ConfigError(f"--config {config_name}: not in {cfg.sampling.config_file} (have: {', '.join(merged)})")
+    return merged[config_name]
+
+
 def generate(
     cfg: Config,
     model: PreTrainedModel,
@@ -92,15 +110,9 @@ def generate(
         orca8k.errors.DataError: the configuration file is missing or malformed.
     """
     from orca8k.data.chat_format import ChatEncoder
-    from orca8k.layout import repo_file
     from orca8k.sampling.generation import build_prompt_ids, derive_seed, generate_batched, resolve_generation_config
-    from orca8k.sampling.schema import load_configuration
 
-    configuration = load_configuration(repo_file(cfg.sampling.config_file))
-    merged = {c.name: c for c in configuration.merged()}
-    if config_name not in merged:
-        raise ConfigError(f"--config {config_name}: not in {cfg.sampling.config_file} (have: {', '.join(merged)})")
-    sc = merged[config_name]
+    sc = sampling_configuration(cfg, config_name)
     args = dict(sc.generate_args)
     if max_new_tokens is None:
         max_new_tokens = cfg.sampling.max_new_tokens
@@ -121,6 +133,7 @@ def generate(
 
 def generate_cli(cfg: Config, args: argparse.Namespace) -> None:
     """`orca8k generate`: print each prompt's reply (and a note when it was cut at `--max-new-tokens`)."""
+    sampling_configuration(cfg, args.sampling_config)  # a wrong --config fails before the weights load
     model, tokenizer, name = load_for_generation(cfg, args.model)
     outputs = generate(
         cfg, model, tokenizer, list(args.prompts), system=args.system, config_name=args.sampling_config,

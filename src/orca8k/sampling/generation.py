@@ -176,6 +176,13 @@ def derive_seed(seed: int, *parts: object) -> int:
     return int.from_bytes(digest[:8], "big") >> 1
 
 
+def prompt_seed(seed: int, prompt_ids: Sequence[int]) -> int:
+    """The seed of one prompt's output under a call's `seed`: `derive_seed(seed, "prompt", <its token ids>)`. It
+    depends on the prompt itself, not on its position, so reordering, adding or removing other prompts does not
+    change its draws (the same prompt twice under one seed draws the same output)."""
+    return derive_seed(seed, "prompt", ",".join(str(int(t)) for t in prompt_ids))
+
+
 def cut_at_eos(new_ids: Sequence[int], eos_token_id: int) -> tuple[list[int], bool]:
     """New tokens up to and including the first `eos_token_id`, and whether it was found.
 
@@ -350,8 +357,8 @@ def generate_batched(
         generation_config: from `resolve_generation_config` (its `eos_token_id` ends an output).
         batch_size: rows per `generate` call.
         skip_special_tokens: drop special tokens (`</s>`, `<|assistant|>`, ...) from the decoded text.
-        seed: the seed of prompt j is `derive_seed(seed, j)` (ignored when `row_seeds` is given).
-        row_seeds: one seed per prompt (e.g. a report's outputs: `derive_seed(sample seed, prompt index)`).
+        seed: each prompt's output is seeded with `prompt_seed(seed, its ids)` (ignored when `row_seeds` is given).
+        row_seeds: one seed per prompt (a report's outputs: `prompt_seed(sample seed, prompt ids)`).
         compact_every: new tokens per `generate` call; finished rows leave the batch between calls (see the module
             docstring). None: one call per batch, finished rows kept to the end (transformers' behaviour). Ignored
             (None) for a batch of one row (nothing to drop; the same outputs, sampled ones included), for beam
@@ -391,7 +398,7 @@ def generate_batched(
     if row_seeds is not None and len(row_seeds) != len(prompt_ids):
         raise ValueError(f"generate_batched: {len(row_seeds)} row_seeds for {len(prompt_ids)} prompts")
     if row_seeds is None and seed is not None:
-        row_seeds = [derive_seed(seed, j) for j in range(len(prompt_ids))]
+        row_seeds = [prompt_seed(seed, ids) for ids in prompt_ids]
     per_row = _row_sampling(generation_config, row_seeds)
     if per_row is not None:
         generation_config, warpers, generators = per_row

@@ -6,10 +6,10 @@ registry gate reads: `{"outputs", "empty_outputs", "proper_end_rate", "files", .
 
 Decoding follows OA's `sampling_report.py`: each configuration is merged over the file's `default`; sampled
 configurations run `num_samples` times, greedy ones once. Unlike OA, prompts run in batches, and every output has
-a seed of its own: sample i of a configuration is seeded with `derive_seed(seed, name, i)`, and its output for prompt j
-draws from a generator seeded with `derive_seed(that seed, j)` (`generate_batched`'s row seeds). The samples of a
-configuration therefore run together, `num_samples` × prompts rows, and an output does not depend on the batch size,
-the compaction or the other prompts: one at a time gives the same report. `sampling_params` records the parameters
+a seed of its own: sample i of a configuration is seeded with `derive_seed(seed, name, i)`, and its output for a prompt
+draws from a generator seeded with `prompt_seed(that seed, the prompt's ids)` (`generate_batched`'s row seeds). The
+samples of a configuration therefore run together, `num_samples` × prompts rows, and an output does not depend on
+the batch size, the compaction, the other prompts or the prompts' order: one at a time gives the same report. `sampling_params` records the parameters
 that acted (library defaults and the checkpoint's generation config included), the seeds, the sampler and the model's
 dtype and RoPE settings — not just the file's `generate_args`.
 """
@@ -34,6 +34,7 @@ from orca8k.sampling.generation import (
     effective_params,
     generate_batched,
     model_facts,
+    prompt_seed,
     resolve_generation_config,
     sampler_name,
 )
@@ -143,7 +144,7 @@ def sample_reports(
         outputs = generate_batched(
             model, tokenizer, [ids for _ in range(runs) for ids in prompt_ids], gen_config,
             batch_size=batch_size, compact_every=compact_every, skip_special_tokens=skip_special_tokens,
-            row_seeds=[derive_seed(s, j) for s in seeds for j in range(len(prompt_ids))],
+            row_seeds=[prompt_seed(s, ids) for s in seeds for ids in prompt_ids],
         )
         per_prompt = [[outputs[i * len(prompts) + j] for i in range(runs)] for j in range(len(prompts))]
         params = drop_nulls({

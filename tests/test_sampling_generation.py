@@ -455,18 +455,23 @@ def test_configs_row_sampler_does_not_cover_are_seeded_from_the_row_seeds(tokeni
     assert runs[0] == runs[1]
 
 
-def test_gumbel_noise_is_float64_and_finite():
+def test_gumbel_noise_is_float64_and_finite(monkeypatch):
     """float64 uniforms: the noise reaches far beyond float32's 16.6-nat ceiling (so a token ~20 nats below the best
-    can still be drawn), and u = 0 gives a finite value instead of -inf."""
+    can still be drawn), and u = 0 gives a finite value instead of -inf (the extreme uniforms are fed in through
+    torch.rand)."""
     import torch
 
     from orca8k.sampling.generation import gumbel_noise
 
     noise = gumbel_noise([torch.Generator().manual_seed(s) for s in range(3)], 1000)
     assert noise.shape == (3, 1000) and noise.dtype == torch.float64 and torch.isfinite(noise).all()
-    zero = torch.finfo(torch.float64).tiny
-    assert -torch.log(-torch.log(torch.tensor(1 - 2.0**-53, dtype=torch.float64))) > 36
-    assert torch.isfinite(-torch.log(-torch.log(torch.tensor(zero, dtype=torch.float64))))
+    extremes = torch.tensor([0.0, 0.5, 1 - 2.0**-53], dtype=torch.float64)
+    rand = torch.rand
+    monkeypatch.setattr(torch, "rand", lambda size, generator, dtype: extremes.clone() if dtype == torch.float64
+                        else rand(size, generator=generator, dtype=dtype))
+    edge = gumbel_noise([torch.Generator()], 3)[0]
+    assert torch.isfinite(edge).all() and edge[0] < -6 and edge[2] > 36
+    assert edge[1] == -torch.log(-torch.log(torch.tensor(0.5, dtype=torch.float64)))
 
 
 def test_row_sampler_draws_from_the_warped_distribution():

@@ -275,7 +275,6 @@ class RowSampler:
         self.generators = list(generators)
 
     def __call__(self, input_ids: Any, scores: Any) -> Any:
-
         if scores.shape[0] != len(self.generators):
             raise ValueError(f"RowSampler: {scores.shape[0]} rows of scores for {len(self.generators)} generators")
         scores = self.warpers(input_ids, scores)
@@ -527,8 +526,8 @@ def _generate_compacting(model: PreTrainedModel, input_ids: Any, attention_mask:
             rows = order.cpu()
             sequences, mask = input_ids[order], attention_mask[order]
             pending = (produced, joined_cache, 1)
-        else:
-            for generator, state in zip(sampler[1] if sampler is not None else [], states, strict=True):
+        elif sampler is not None:
+            for generator, state in zip(sampler[1], states, strict=True):
                 generator.set_state(state)
     while True:
         produced, cache, asked = pending or call(sequences, mask, cache, done, compact_every, rows.tolist())

@@ -6,12 +6,12 @@ registry gate reads: `{"outputs", "empty_outputs", "proper_end_rate", "files", .
 
 Decoding follows OA's `sampling_report.py`: each configuration is merged over the file's `default`; sampled
 configurations run `num_samples` times, greedy ones once. Unlike OA, prompts run in batches, and every output has
-a seed of its own: sample i of a configuration is seeded with `derive_seed(seed, name, i)`, and its output for a prompt
-draws from a generator seeded with `prompt_seed(that seed, the prompt's ids)` (`generate_batched`'s row seeds). The
-samples of a configuration therefore run together, `num_samples` × prompts rows, and an output does not depend on
-the batch size, the compaction, the other prompts or the prompts' order: one at a time gives the same report. `sampling_params` records the parameters
-that acted (library defaults and the checkpoint's generation config included), the seeds, the sampler and the model's
-dtype and RoPE settings — not just the file's `generate_args`.
+a seed of its own: sample i of a configuration is seeded with `derive_seed(seed, name, i)`, and its output for a
+prompt draws from a generator seeded with `prompt_seed(that seed, the prompt's ids)` (`generate_batched`'s row
+seeds). The samples of a configuration therefore run together, `num_samples` × prompts rows, and an output does not
+depend on the batch size, the compaction, the other prompts or their order: one at a time gives the same report.
+`sampling_params` records the parameters that acted (library defaults and the checkpoint's generation config
+included), the seeds, the sampler and the model's dtype and RoPE settings — not just the file's `generate_args`.
 """
 
 from __future__ import annotations

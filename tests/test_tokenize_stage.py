@@ -214,21 +214,58 @@ def test_metrics_are_exact_per_split_and_source(packed_run):
     assert layout.tokenize_dropped.read_text() == ""
 
 
-def test_unpacked_train_is_one_example_per_row_and_the_same_with_two_processes(tmp_path, base_tokenizer_dir):
+def test_unpacked_train_is_one_example_per_row_and_the_same_with_two_processes(tmp_path, base_tokenizer_dir,
+                                                                              monkeypatch):
     from datasets import load_from_disk
 
     from orca8k.stages import run_stage
+    from orca8k.stages import tokenize as stage
 
     tables = []
-    for name, num_proc in (("a", 1), ("b", 2)):
+    for name, num_proc, min_chars, processes in (("a", 1, 1, {"train": 1, "val": 1}),
+                                                 ("b", 2, 1, {"train": 2, "val": 2}),
+                                                 # the default floor: this small mix stays in-process
+                                                 ("c", 2, stage.MIN_CHARS_PER_PROCESS, {"train": 1, "val": 1})):
+        monkeypatch.setattr(stage, "MIN_CHARS_PER_PROCESS", min_chars)
         cfg = prepare_run(tmp_path / name, base_tokenizer_dir, [f"tokenize.max_length={MAX_LENGTH}",
                                                                 "tokenize.packing=false", f"tokenize.num_proc={num_proc}"])
+        monkeypatch.setenv("TOKENIZERS_PARALLELISM", "true")
         result = run_stage("tokenize", cfg)
+        assert result.summary["processes"] == processes
+        # the process environment, where the Rust tokenizer reads it, is as it was (datasets leaves it at false)
+        assert process_getenv("TOKENIZERS_PARALLELISM") == "true"
         train = load_from_disk(str(Layout.from_config(cfg).tokenized_train))
         assert len(train) == result.summary["train"]["rows"] == result.summary["train"]["examples"]
         assert "source" in train.column_names
         tables.append(train.data.table)
-    assert tables[0].equals(tables[1])
+    assert tables[0].equals(tables[1]) and tables[0].equals(tables[2])
+
+
+def process_getenv(key: str) -> str | None:
+    """`key` in the C-level process environment (what native code reads), not Python's `os.environ` mapping."""
+    import ctypes
+
+    libc = ctypes.CDLL(None)
+    libc.getenv.restype = ctypes.c_char_p
+    value = libc.getenv(key.encode())
+    return None if value is None else value.decode()
+
+
+def test_processes_follow_the_text_size():
+    from orca8k.stages.tokenize import MIN_CHARS_PER_PROCESS, _text_chars, processes_for
+
+    assert [processes_for(n * MIN_CHARS_PER_PROCESS, 4) for n in (0, 1, 2, 3, 7)] == [1, 1, 2, 3, 4]
+    assert processes_for(MIN_CHARS_PER_PROCESS - 1, 16) == 1 and processes_for(10**12, 1) == 1
+    import pyarrow as pa
+
+    from orca8k.data.mix_output import MIX_SCHEMA
+
+    rows = mix_rows(2, 1)
+    table = pa.Table.from_pylist(rows, schema=MIX_SCHEMA)
+    expected = sum(len(m["content"]) for r in rows if r["messages"] for m in r["messages"])
+    expected += sum(len(r["text"]) for r in rows if r["text"])
+    assert _text_chars(table) == expected > 0
+    assert _text_chars(table.slice(0, 0)) == 0
 
 
 def test_stage_refuses_missing_or_failed_inputs(tmp_path, base_tokenizer_dir):

@@ -251,7 +251,8 @@ class TokenizeConfig(StrictModel):
         "bfd", description="With packing: 'bfd' packs whole examples (best-fit decreasing); 'bfd_text_fill' keeps "
         "chat examples whole and cuts the pretraining text again to fill the rows' free space.")
     train_on_system: bool = Field(False, description="Supervise the system block too (the seed's accident).")
-    num_proc: int = Field(1, ge=1, description="Processes for datasets.map.")
+    num_proc: int = Field(1, ge=1, description="At most this many datasets.map processes; a split gets one per "
+                          "8 M chars of text (`orca8k.stages.tokenize.processes_for`), so small splits stay in-process.")
     min_supervised_share: float = Field(0.0, ge=0.0, le=1.0, description="Per-source lower bound (token suite).")
     max_supervised_share: float = Field(1.0, ge=0.0, le=1.0)
 

@@ -66,6 +66,10 @@ if TYPE_CHECKING:
 SPLITS = ("train", "val")
 MAP_BATCH_ROWS = 256  # mix rows per datasets.map batch (one Rust tokenizer call per batch)
 PACK_SHARD_EXAMPLES = 65536  # examples planned together by the bin packer (bounds memory)
+# characters of text a datasets.map worker process must get before one is started: a pool costs ≈ 0.3-0.4 s to start,
+# feed and join (measured on the bench's val split: 0.13 s in-process, 0.39-0.55 s with 2 workers), and 8 M chars are
+# ≈ 2.5 M tokens, 1.5-2 CPU-s of tokenizing, so a worker's start costs at most a fifth of its work
+MIN_CHARS_PER_PROCESS = 8_000_000
 META_COLUMNS = ("id", "row_id", "source", "kind", "part", "parts", "assistant_turns", "cut_tokens")
 STAT_PREFIX = "stat_"  # per-example statistics ride along in the encoded work file, dropped before anything is saved
 STAT_COLUMNS = tuple(STAT_PREFIX + c for c in EXAMPLE_STAT_COLUMNS)
@@ -103,6 +107,7 @@ def run(cfg: Config) -> StageResult:
     stats: dict[str, pd.DataFrame] = {}
     counts: dict[str, dict[str, Any]] = {}
     dropped_lines: list[str] = []
+    processes: dict[str, int] = {}  # datasets.map worker processes per split (1: in-process)
     # packing runs in this pool's one thread while the val split is encoded and the examples are validated (Arrow
     # and numpy release the GIL); the token suite's packed batches wait for its statistics
     pool = ThreadPoolExecutor(1, thread_name_prefix="orca8k-pack")
@@ -111,8 +116,13 @@ def run(cfg: Config) -> StageResult:
     stop = threading.Event()
     try:
         for split, path in (("train", layout.mix_train), ("val", layout.mix_val)):
-            with timer(f"encode_{split}"), _rust_threads(t.num_proc == 1):
-                examples, dropped = _encode_split(path, encoder, t.max_length, t.num_proc, layout.tokenize_work, split)
+            table = _read_mix(path, split)
+            num_proc = processes_for(_text_chars(table), t.num_proc)
+            with timer(f"encode_{split}"), _rust_threads(num_proc == 1):
+                examples, dropped = _encode_split(table, path, encoder, t.max_length, num_proc, layout.tokenize_work,
+                                                  split)
+            del table
+            processes[split] = num_proc
             dropped_lines += dropped
             fill_plans = None
             if split == "train" and t.packing and t.packing_strategy == "bfd_text_fill":
@@ -170,7 +180,7 @@ def run(cfg: Config) -> StageResult:
                  "metrics": layout.tokenize_metrics},
         summary={split: {k: metrics[split][k] for k in ("rows", "examples", "tokens", "supervised_tokens")}
                  for split in SPLITS} | {"token_validation": validation, "phase_seconds": timer.seconds,
-                                      "phase_cpu_seconds": timer.cpu_seconds},
+                                      "phase_cpu_seconds": timer.cpu_seconds, "processes": processes},
     )
 
 
@@ -196,6 +206,26 @@ def _rust_threads(enabled: bool) -> Iterator[None]:
     finally:
         if previous is None:
             os.environ.pop(key, None)
+        else:
+            os.environ[key] = previous
+
+
+@contextlib.contextmanager
+def _environment_kept(key: str) -> Iterator[None]:
+    """Put the process environment's `key` back as it was on exit, at the C level (`putenv`/`unsetenv`), where
+    native code reads it.
+
+    `datasets.Dataset.map(num_proc>1)` sets `TOKENIZERS_PARALLELISM=false` for its workers and restores only the
+    Python mapping (it rebinds `os.environ` to a copy), so the Rust tokenizer of this process would stay on one
+    thread for the rest of the process: the val split, the next stage of a flow run, the benchmark's next round.
+    """
+    previous = os.environ.get(key)
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop(key, None)
+            os.unsetenv(key)  # the rebound mapping may not hold the key while the process environment does
         else:
             os.environ[key] = previous
 
@@ -398,30 +428,75 @@ def _int32_values(lists: list[list[int]]) -> np.ndarray:
     return np.fromiter(itertools.chain.from_iterable(lists), np.int32, sum(map(len, lists)))
 
 
-def _encode_split(path: Path, encoder: ChatEncoder, max_length: int, num_proc: int, work: Path, split: str
-                  ) -> tuple[Dataset, list[str]]:
-    """Encode one split of the mix; returns (kept examples, dropped examples as JSON lines)."""
+def processes_for(text_chars: int, num_proc: int) -> int:
+    """`datasets.map` worker processes for a split of `text_chars` characters: at most `num_proc`, and one per
+    `MIN_CHARS_PER_PROCESS` characters, so a small split (the demo's, every val split) is encoded in-process, where
+    the Rust tokenizer's threads use the cores, instead of paying a pool's start for less work than it costs.
+
+    Returns:
+        1 (encode in-process) up to `num_proc`.
+    """
+    return max(1, min(num_proc, text_chars // MIN_CHARS_PER_PROCESS))
+
+
+def _text_chars(table: pa.Table) -> int:
+    """Characters of text in a mix table: the `text` of text rows and every message's `content`."""
+    import pyarrow.compute as pc
+
+    contents = pc.struct_field(pc.list_flatten(table.column("messages")), "content")
+    return sum(int(pc.sum(pc.utf8_length(column)).as_py() or 0) for column in (table.column("text"), contents))
+
+
+def _read_mix(path: Path, split: str) -> pa.Table:
+    """The columns of a mix split that the stage encodes.
+
+    Raises:
+        DataError: the split has no rows.
+    """
     import pyarrow.parquet as pq
-    from datasets import Dataset
 
     table = pq.read_table(path, columns=["id", "source", "kind", "messages", "text"])
     if table.num_rows == 0:
         raise DataError(f"{path}: the {split} split of the mix has no rows")
+    return table
+
+
+def _arrow_file(table: pa.Table, path: Path) -> Path:
+    """Write `table` as an Arrow IPC stream (the format of datasets' cache files) at `path`; returns `path`."""
+    import pyarrow as pa
+
+    with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_stream(sink, table.schema) as writer:
+        writer.write_table(table)
+    return path
+
+
+def _encode_split(table: pa.Table, path: Path, encoder: ChatEncoder, max_length: int, num_proc: int, work: Path,
+                  split: str) -> tuple[Dataset, list[str]]:
+    """Encode one split of the mix (`table`, read from `path`, which errors name) with `num_proc` processes; returns
+    (kept examples, dropped examples as JSON lines)."""
+    from datasets import Dataset
+
     work.mkdir(parents=True, exist_ok=True)
     function = EncodeBatches(encoder, max_length, str(path), prefetch=table if num_proc <= 1 else None)
-    try:
-        # a given fingerprint: hashing the in-memory table would pickle it through dill, whose code inspection
-        # prints a disassembly that Prefect's print capture turns into task log lines
-        encoded = Dataset(table, fingerprint=f"orca8k-mix-{split}").with_format("arrow").map(
-            function, batched=True, batch_size=MAP_BATCH_ROWS, with_indices=True,
-            num_proc=num_proc if num_proc > 1 else None, remove_columns=table.column_names, features=_features(),
-            cache_file_name=str(work / f"{split}-encoded.arrow"), desc=f"tokenize {split}",
-            # a fixed fingerprint: datasets would otherwise pickle the encoder (tokenizer included) to hash it; the
-            # work folder is fresh on every run, so no stale cache can be picked up
-            new_fingerprint=f"orca8k-tokenize-{split}", load_from_cache_file=False,
-        )
-    finally:
-        function.close()
+    # datasets sets TOKENIZERS_PARALLELISM=false for its workers and never puts the process environment back
+    with _environment_kept("TOKENIZERS_PARALLELISM"):
+        try:
+            # workers get the rows as a memory-mapped Arrow file (a path to pickle, not the table's bytes: their
+            # start went from 0.27-0.47 to 0.19-0.35 s on the bench's 31 M chars); in-process, the table with a
+            # given fingerprint: hashing it would pickle it through dill, whose code inspection prints a disassembly
+            # that Prefect's print capture turns into task log lines
+            source = (Dataset.from_file(str(_arrow_file(table, work / f"{split}-mix.arrow"))) if num_proc > 1
+                      else Dataset(table, fingerprint=f"orca8k-mix-{split}"))
+            encoded = source.with_format("arrow").map(
+                function, batched=True, batch_size=MAP_BATCH_ROWS, with_indices=True,
+                num_proc=num_proc if num_proc > 1 else None, remove_columns=table.column_names, features=_features(),
+                cache_file_name=str(work / f"{split}-encoded.arrow"), desc=f"tokenize {split}",
+                # a fixed fingerprint: datasets would otherwise pickle the encoder (tokenizer included) to hash it; the
+                # work folder is fresh on every run, so no stale cache can be picked up
+                new_fingerprint=f"orca8k-tokenize-{split}", load_from_cache_file=False,
+            )
+        finally:
+            function.close()
     encoded = encoded.with_format(None)
     flags = encoded.data.column("dropped").to_numpy(zero_copy_only=False)
     dropped_rows = encoded.select(np.flatnonzero(flags)).to_list() if flags.any() else []

@@ -23,7 +23,8 @@ then `--rounds` rounds (default 5), each of:
    params, `max_length` 512, packing on) — encoding, masks, length rules, packing, Arrow writes, statistics and the
    token-level validation — timed after imports. Its `phase_seconds` are per phase; packing (`pack`,
    `save_packed`) runs in a thread beside `encode_val` and `validate`, so the phases add up to more than the wall
-   time. With `num_proc` > 1, `stage_cpu_seconds` counts only the main process, not the `datasets.map` workers.
+   time. `stage_cpu_seconds` include the `datasets.map` workers' (`RUSAGE_CHILDREN`); the phases' CPU seconds count
+   the main process only.
 
 Each round's ratios compare the stage with the raw batched tokenizer and the loops of that same round; the headline
 figures (`stage_vs_raw_batched`, `stage_vs_loop_tokenizer`) are the **median over rounds** of those ratios, for the
@@ -39,9 +40,11 @@ The last stdout line is one JSON object.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import json
 import os
+import resource
 import shutil
 import subprocess
 import sys
@@ -101,6 +104,13 @@ def rendered(rows: list[dict]) -> list[str]:
     return [render_chat(r["messages"]) if r["kind"] == "chat" else r["text"] for r in rows]
 
 
+def children_cpu() -> float:
+    """User + system CPU seconds of this process's finished children (the `datasets.map` workers, reaped when the
+    pool closes)."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
 def median(values: list[float]) -> float:
     ordered = sorted(values)
     mid = len(ordered) // 2
@@ -132,6 +142,10 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=5, help="rounds of raw batched, loops and stage(s) (default 5)")
     ap.add_argument("--keep", action="store_true", help="keep the work folder")
     args = ap.parse_args()
+    if args.rounds < 1:
+        ap.error("--rounds must be at least 1")
+    if args.num_proc:
+        args.num_proc = list(dict.fromkeys(args.num_proc))  # each value once
     # the tokenizers library's own default (threads on), set before orca8k's quiet default (off) can apply: the raw
     # batched tokenizer and the stage then both use the cores; the loops are one call per row either way
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
@@ -196,7 +210,7 @@ def main() -> None:
         step = max(1, round(1 / args.loop_fraction))
         picked = everything[::step]
         n_rows = len(everything)
-        del rows, everything  # the stage's workers fork this process: keep it small, as `orca8k tokenize` is
+        del rows, everything  # the stage's workers fork this process: drop the row dicts (the texts stay)
         picked_texts = texts[::step]
         picked_chars = sum(map(len, picked_texts))
         encoder = ChatEncoder(tokenizer)
@@ -230,9 +244,12 @@ def main() -> None:
             # the stage, once per variant; the variants' order turns each round
             for v in variants[r % len(variants):] + variants[:r % len(variants)]:
                 cfg = stage_cfg(v)
-                t0, c0 = time.perf_counter(), time.process_time()
-                result = run_stage("tokenize", cfg)
-                stage_seconds, stage_cpu = time.perf_counter() - t0, time.process_time() - c0
+                shutil.rmtree(layout.tokenized, ignore_errors=True)  # the previous run's output, outside the timing
+                t0, c0, k0 = time.perf_counter(), time.process_time(), children_cpu()
+                with contextlib.redirect_stdout(sys.stderr):  # the suite's lines: stdout ends with the JSON alone
+                    result = run_stage("tokenize", cfg)
+                stage_seconds = time.perf_counter() - t0
+                stage_cpu = time.process_time() - c0 + children_cpu() - k0  # the datasets.map workers' too
                 if r == 0 and not first_imported:  # packages the stage imported that start-up did not time
                     first_imported = sorted({m.split(".")[0] for m in set(sys.modules) - modules_before
                                              if m.split(".")[0] not in modules_before and not m.startswith("_")})

@@ -229,16 +229,52 @@ def test_unpacked_train_is_one_example_per_row_and_the_same_with_two_processes(t
         monkeypatch.setattr(stage, "MIN_CHARS_PER_PROCESS", min_chars)
         cfg = prepare_run(tmp_path / name, base_tokenizer_dir, [f"tokenize.max_length={MAX_LENGTH}",
                                                                 "tokenize.packing=false", f"tokenize.num_proc={num_proc}"])
-        monkeypatch.setenv("TOKENIZERS_PARALLELISM", "true")
         result = run_stage("tokenize", cfg)
         assert result.summary["processes"] == processes
-        # the process environment, where the Rust tokenizer reads it, is as it was (datasets leaves it at false)
-        assert process_getenv("TOKENIZERS_PARALLELISM") == "true"
         train = load_from_disk(str(Layout.from_config(cfg).tokenized_train))
         assert len(train) == result.summary["train"]["rows"] == result.summary["train"]["examples"]
         assert "source" in train.column_names
         tables.append(train.data.table)
     assert tables[0].equals(tables[1]) and tables[0].equals(tables[2])
+
+
+@pytest.mark.parametrize("before", [None, "false", "true"])
+def test_worker_processes_leave_the_environment_as_it_was(tmp_path, base_tokenizer_dir, monkeypatch, before):
+    """datasets.map(num_proc>1) sets TOKENIZERS_PARALLELISM=false and rebinds os.environ to a copy; the stage puts
+    the original mapping and the process environment (what the Rust tokenizer reads) back."""
+    import os
+
+    from orca8k.stages import run_stage
+    from orca8k.stages import tokenize as stage
+
+    key = "TOKENIZERS_PARALLELISM"
+    monkeypatch.setattr(stage, "MIN_CHARS_PER_PROCESS", 1)
+    if before is None:
+        monkeypatch.delenv(key, raising=False)
+        os.unsetenv(key)
+    else:
+        monkeypatch.setenv(key, before)
+    original = os.environ
+    cfg = prepare_run(tmp_path, base_tokenizer_dir, [f"tokenize.max_length={MAX_LENGTH}", "tokenize.num_proc=2"],
+                      train_rows=mix_rows(4, 2), val_rows=mix_rows(2, 1))
+    assert run_stage("tokenize", cfg).summary["processes"] == {"train": 2, "val": 2}
+    assert os.environ is original
+    assert os.environ.get(key) == process_getenv(key) == before
+
+
+def test_a_bad_row_in_a_worker_names_file_row_and_field(tmp_path, base_tokenizer_dir, monkeypatch):
+    from orca8k.stages import run_stage
+    from orca8k.stages import tokenize as stage
+
+    monkeypatch.setattr(stage, "MIN_CHARS_PER_PROCESS", 1)
+    bad = mix_rows(3, 0) + [{"id": "orca-chat-bad", "source": "orca-chat", "doc_id": "x", "kind": "chat",
+                             "messages": [{"role": "user", "content": "q"}], "text": None, "chunk_index": 0}]
+    cfg = prepare_run(tmp_path, base_tokenizer_dir, ["tokenize.num_proc=2"], train_rows=bad)
+    with pytest.raises(DataError, match=r"train.parquet: row id='orca-chat-bad': messages: messages\[0\].role: "
+                                        r"a conversation must end with an assistant reply"):
+        run_stage("tokenize", cfg)
+    layout = Layout.from_config(cfg)
+    assert not layout.tokenize_work.exists() and not layout.tokenized_train.exists()
 
 
 def process_getenv(key: str) -> str | None:
@@ -266,6 +302,11 @@ def test_processes_follow_the_text_size():
     expected += sum(len(r["text"]) for r in rows if r["text"])
     assert _text_chars(table) == expected > 0
     assert _text_chars(table.slice(0, 0)) == 0
+    # a split written without the mix schema: a column of nulls has Arrow type null
+    chats_only = pa.table({"messages": [[{"role": "user", "content": "añb"}, {"role": "assistant", "content": "cd"}]],
+                           "text": pa.nulls(1)})
+    texts_only = pa.table({"messages": pa.nulls(1), "text": ["héllo"]})
+    assert (_text_chars(chats_only), _text_chars(texts_only)) == (5, 5)
 
 
 def test_stage_refuses_missing_or_failed_inputs(tmp_path, base_tokenizer_dir):

@@ -16,8 +16,8 @@ base tokenizer (`orca8k.model.base.resolve_base`). Writes:
 - `layout.tokenize_metrics` (DVC metrics): per split and per source rows, examples, tokens, supervised tokens, share,
   split/cut/drop counts and rates (`plan.py` reads `["train"]["rows" | "tokens" | "supervised_tokens"]`).
 
-Encoding is `EncodeBatches` inside `datasets.map` (batched, Arrow in and out; `tokenize.num_proc` processes; progress
-bar): segments of a batch go through the Rust tokenizer in one call, and in one process the next batch's call runs in
+Encoding is `EncodeBatches` inside `datasets.map` (batched, Arrow in and out; up to `tokenize.num_proc` processes,
+one per `MIN_CHARS_PER_PROCESS` chars of the split's text; progress bar): segments of a batch go through the Rust tokenizer in one call, and in one process the next batch's call runs in
 a thread while this batch is assembled. Packing plans bins per shard of examples so memory stays bounded by the
 shard, not the split; the plan is made first (from the examples' lengths), then a thread materialises and saves the
 packed rows while the val split is encoded and the token suite checks the examples. The suite's packed batches come
@@ -68,7 +68,7 @@ MAP_BATCH_ROWS = 256  # mix rows per datasets.map batch (one Rust tokenizer call
 PACK_SHARD_EXAMPLES = 65536  # examples planned together by the bin packer (bounds memory)
 # characters of text a datasets.map worker process must get before one is started: a pool costs ≈ 0.3-0.4 s to start,
 # feed and join (measured on the bench's val split: 0.13 s in-process, 0.39-0.55 s with 2 workers), and 8 M chars are
-# ≈ 2.5 M tokens, 1.5-2 CPU-s of tokenizing, so a worker's start costs at most a fifth of its work
+# ≈ 2.5 M tokens, 1.5-2 CPU-s of tokenizing, so a worker's start costs at most about a quarter of its work
 MIN_CHARS_PER_PROCESS = 8_000_000
 META_COLUMNS = ("id", "row_id", "source", "kind", "part", "parts", "assistant_turns", "cut_tokens")
 STAT_PREFIX = "stat_"  # per-example statistics ride along in the encoded work file, dropped before anything is saved
@@ -116,8 +116,9 @@ def run(cfg: Config) -> StageResult:
     stop = threading.Event()
     try:
         for split, path in (("train", layout.mix_train), ("val", layout.mix_val)):
-            table = _read_mix(path, split)
-            num_proc = processes_for(_text_chars(table), t.num_proc)
+            with timer(f"read_{split}"):
+                table = _read_mix(path, split)
+                num_proc = processes_for(_text_chars(table), t.num_proc)
             with timer(f"encode_{split}"), _rust_threads(num_proc == 1):
                 examples, dropped = _encode_split(table, path, encoder, t.max_length, num_proc, layout.tokenize_work,
                                                   split)
@@ -186,7 +187,7 @@ def run(cfg: Config) -> StageResult:
 
 @contextlib.contextmanager
 def _rust_threads(enabled: bool) -> Iterator[None]:
-    """Let the Rust tokenizer use its threads while encoding in-process (`tokenize.num_proc: 1`).
+    """Let the Rust tokenizer use its threads while a split is encoded in-process (`processes_for` gave 1).
 
     `orca8k` sets `TOKENIZERS_PARALLELISM=false` by default (forked workers elsewhere would otherwise warn or
     deadlock); no process is forked while one process encodes, so that default is lifted for the encoding only —
@@ -212,22 +213,25 @@ def _rust_threads(enabled: bool) -> Iterator[None]:
 
 @contextlib.contextmanager
 def _environment_kept(key: str) -> Iterator[None]:
-    """Put the process environment's `key` back as it was on exit, at the C level (`putenv`/`unsetenv`), where
-    native code reads it.
+    """Put `os.environ` and the process environment's `key` back as they were on exit.
 
-    `datasets.Dataset.map(num_proc>1)` sets `TOKENIZERS_PARALLELISM=false` for its workers and restores only the
-    Python mapping (it rebinds `os.environ` to a copy), so the Rust tokenizer of this process would stay on one
-    thread for the rest of the process: the val split, the next stage of a flow run, the benchmark's next round.
+    `datasets.Dataset.map(num_proc>1)` sets `TOKENIZERS_PARALLELISM=false` for its workers, then rebinds `os.environ`
+    to a copy taken before: the C-level environment, which the Rust tokenizer reads, keeps `false`, and the original
+    mapping (held by anything that imported it, pytest's monkeypatch for one) says so too. With a user's
+    `TOKENIZERS_PARALLELISM=true`, the rest of the process would then tokenize on one thread. The original mapping
+    is put back, and `key` is set (or unset) through it, which calls `putenv`/`unsetenv`.
     """
-    previous = os.environ.get(key)
+    mapping = os.environ
+    previous = mapping.get(key)
     try:
         yield
     finally:
+        os.environ = mapping  # noqa: B003 -- the original mapping object back (datasets rebound the name)
         if previous is None:
-            os.environ.pop(key, None)
-            os.unsetenv(key)  # the rebound mapping may not hold the key while the process environment does
+            mapping.pop(key, None)
+            os.unsetenv(key)  # the mapping may lack the key while the process environment holds it
         else:
-            os.environ[key] = previous
+            mapping[key] = previous
 
 
 class _Timer:
@@ -430,7 +434,7 @@ def _int32_values(lists: list[list[int]]) -> np.ndarray:
 
 def processes_for(text_chars: int, num_proc: int) -> int:
     """`datasets.map` worker processes for a split of `text_chars` characters: at most `num_proc`, and one per
-    `MIN_CHARS_PER_PROCESS` characters, so a small split (the demo's, every val split) is encoded in-process, where
+    `MIN_CHARS_PER_PROCESS` characters, so a small split (the demo's, a small val split) is encoded in-process, where
     the Rust tokenizer's threads use the cores, instead of paying a pool's start for less work than it costs.
 
     Returns:
@@ -441,10 +445,15 @@ def processes_for(text_chars: int, num_proc: int) -> int:
 
 def _text_chars(table: pa.Table) -> int:
     """Characters of text in a mix table: the `text` of text rows and every message's `content`."""
+    import pyarrow as pa
     import pyarrow.compute as pc
 
-    contents = pc.struct_field(pc.list_flatten(table.column("messages")), "content")
-    return sum(int(pc.sum(pc.utf8_length(column)).as_py() or 0) for column in (table.column("text"), contents))
+    columns = []
+    if not pa.types.is_null(table.column("text").type):  # a text column written without the mix schema, all null
+        columns.append(table.column("text"))
+    if not pa.types.is_null(table.column("messages").type):
+        columns.append(pc.struct_field(pc.list_flatten(table.column("messages")), "content"))
+    return sum(int(pc.sum(pc.utf8_length(column)).as_py() or 0) for column in columns)
 
 
 def _read_mix(path: Path, split: str) -> pa.Table:
@@ -485,7 +494,8 @@ def _encode_split(table: pa.Table, path: Path, encoder: ChatEncoder, max_length:
             # start went from 0.27-0.47 to 0.19-0.35 s on the bench's 31 M chars); in-process, the table with a
             # given fingerprint: hashing it would pickle it through dill, whose code inspection prints a disassembly
             # that Prefect's print capture turns into task log lines
-            source = (Dataset.from_file(str(_arrow_file(table, work / f"{split}-mix.arrow"))) if num_proc > 1
+            copy = work / f"{split}-mix.arrow"
+            source = (Dataset.from_file(str(_arrow_file(table, copy))) if num_proc > 1
                       else Dataset(table, fingerprint=f"orca8k-mix-{split}"))
             encoded = source.with_format("arrow").map(
                 function, batched=True, batch_size=MAP_BATCH_ROWS, with_indices=True,
@@ -497,6 +507,7 @@ def _encode_split(table: pa.Table, path: Path, encoder: ChatEncoder, max_length:
             )
         finally:
             function.close()
+            copy.unlink(missing_ok=True)  # an uncompressed copy of the split (a map survives the unlink on POSIX)
     encoded = encoded.with_format(None)
     flags = encoded.data.column("dropped").to_numpy(zero_copy_only=False)
     dropped_rows = encoded.select(np.flatnonzero(flags)).to_list() if flags.any() else []

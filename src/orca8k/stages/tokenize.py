@@ -17,8 +17,8 @@ base tokenizer (`orca8k.model.base.resolve_base`). Writes:
   split/cut/drop counts and rates (`plan.py` reads `["train"]["rows" | "tokens" | "supervised_tokens"]`).
 
 Encoding is `EncodeBatches` inside `datasets.map` (batched, Arrow in and out; up to `tokenize.num_proc` processes,
-one per `MIN_CHARS_PER_PROCESS` chars of the split's text; progress bar): segments of a batch go through the Rust tokenizer in one call, and in one process the next batch's call runs in
-a thread while this batch is assembled. Packing plans bins per shard of examples so memory stays bounded by the
+one per `MIN_CHARS_PER_PROCESS` chars of the split's text; progress bar): segments of a batch go through the Rust
+tokenizer in one call, and in one process the next batch's call runs in a thread while this batch is assembled. Packing plans bins per shard of examples so memory stays bounded by the
 shard, not the split; the plan is made first (from the examples' lengths), then a thread materialises and saves the
 packed rows while the val split is encoded and the token suite checks the examples. The suite's packed batches come
 last and wait for the packed rows' statistics, which the thread hands over before it writes and saves the last

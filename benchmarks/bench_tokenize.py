@@ -215,9 +215,11 @@ def main() -> None:
         picked_chars = sum(map(len, picked_texts))
         encoder = ChatEncoder(tokenizer)
         variants = args.num_proc or [None]
+        configs = {v: stage_cfg(v) for v in variants}
+        labels = {v: label(v, configs[v]) for v in variants}
         rounds: list[dict] = []
         modules_before = set(sys.modules)
-        first_imported: list[str] = []
+        first_imported: list[str] | None = None
         for r in range(args.rounds):
             load = os.getloadavg()[0]
             # raw batched tokenizer on the same text
@@ -243,20 +245,19 @@ def main() -> None:
                    "loop_encoder_seconds": round(loop_encoder_seconds, 3), "stages": {}}
             # the stage, once per variant; the variants' order turns each round
             for v in variants[r % len(variants):] + variants[:r % len(variants)]:
-                cfg = stage_cfg(v)
                 shutil.rmtree(layout.tokenized, ignore_errors=True)  # the previous run's output, outside the timing
                 t0, c0, k0 = time.perf_counter(), time.process_time(), children_cpu()
                 with contextlib.redirect_stdout(sys.stderr):  # the suite's lines: stdout ends with the JSON alone
-                    result = run_stage("tokenize", cfg)
+                    result = run_stage("tokenize", configs[v])
                 stage_seconds = time.perf_counter() - t0
                 stage_cpu = time.process_time() - c0 + children_cpu() - k0  # the datasets.map workers' too
-                if r == 0 and not first_imported:  # packages the stage imported that start-up did not time
+                if first_imported is None:  # packages the stage's first run imported that start-up did not time
                     first_imported = sorted({m.split(".")[0] for m in set(sys.modules) - modules_before
                                              if m.split(".")[0] not in modules_before and not m.startswith("_")})
                 metrics = json.loads(layout.tokenize_metrics.read_text())
                 stage_tokens = metrics["train"]["tokens"] + metrics["val"]["tokens"]
                 # throughput on the same text: chars per second, so all sides count the same input
-                this["stages"][label(v, cfg)] = {
+                this["stages"][labels[v]] = {
                     "seconds": round(stage_seconds, 3), "cpu_seconds": round(stage_cpu, 2), "tokens": stage_tokens,
                     "processes": result.summary.get("processes"),
                     "phase_seconds": result.summary.get("phase_seconds", {}),
@@ -267,7 +268,7 @@ def main() -> None:
             rounds.append(this)
             print(json.dumps(this), file=sys.stderr)
 
-        headline = label(variants[0], stage_cfg(variants[0]))
+        headline = labels[variants[0]]
         per_variant = {}
         for name in rounds[0]["stages"]:
             runs = [rd["stages"][name] for rd in rounds]

@@ -16,14 +16,15 @@ base tokenizer (`orca8k.model.base.resolve_base`). Writes:
 - `layout.tokenize_metrics` (DVC metrics): per split and per source rows, examples, tokens, supervised tokens, share,
   split/cut/drop counts and rates (`plan.py` reads `["train"]["rows" | "tokens" | "supervised_tokens"]`).
 
-Encoding is `EncodeBatches` inside `datasets.map` (batched, Arrow in and out; up to `tokenize.num_proc` processes,
-one per `MIN_CHARS_PER_PROCESS` chars of the split's text; progress bar): segments of a batch go through the Rust
-tokenizer in one call, and in one process the next batch's call runs in a thread while this batch is assembled. Packing plans bins per shard of examples so memory stays bounded by the
-shard, not the split; the plan is made first (from the examples' lengths), then a thread materialises and saves the
-packed rows while the val split is encoded and the token suite checks the examples. The suite's packed batches come
-last and wait for the packed rows' statistics, which the thread hands over before it writes and saves the last
-shard (the run id hashes the plan for them: `orca8k.validation.harness`, deferred batches). `phase_seconds` in the
-summary are per phase; the packing thread's (`pack`, `save_packed`) overlap the others.
+Encoding is `EncodeBatches` inside `datasets.map` (batched, Arrow in and out; up to `tokenize.num_proc` processes, one
+per `MIN_CHARS_PER_PROCESS` chars of the split's text; progress bar): segments of a batch go through the Rust
+tokenizer in one call, and in one process the next batch's call runs in a thread while this batch is assembled.
+Packing plans bins per shard of examples so memory stays bounded by the shard, not the split; the plan is made first
+(from the examples' lengths), then a thread materialises and saves the packed rows while the val split is encoded and
+the token suite checks the examples. The suite's packed batches come last and wait for the packed rows' statistics,
+which the thread hands over before it writes and saves the last shard (the run id hashes the plan for them:
+`orca8k.validation.harness`, deferred batches). `phase_seconds` in the summary are per phase; the packing thread's
+(`pack`, `save_packed`) overlap the others.
 """
 
 from __future__ import annotations
@@ -186,47 +187,32 @@ def run(cfg: Config) -> StageResult:
 
 
 @contextlib.contextmanager
-def _rust_threads(enabled: bool) -> Iterator[None]:
-    """Let the Rust tokenizer use its threads while a split is encoded in-process (`processes_for` gave 1).
+def _rust_threads(in_process: bool) -> Iterator[None]:
+    """`TOKENIZERS_PARALLELISM` while a split is encoded, and as it was afterwards.
 
-    `orca8k` sets `TOKENIZERS_PARALLELISM=false` by default (forked workers elsewhere would otherwise warn or
-    deadlock); no process is forked while one process encodes, so that default is lifted for the encoding only —
-    unless the user set the variable, which always wins. With `num_proc > 1`, datasets forks workers and parallelism
-    comes from them instead.
+    In-process (`processes_for` gave 1): orca8k's default `false` (forked workers elsewhere would otherwise warn or
+    deadlock) is lifted to `true`, so the Rust tokenizer uses its threads; no process is forked meanwhile. A value
+    the user set always wins.
+
+    With workers: `datasets.Dataset.map(num_proc>1)` sets the variable to `false` for them, then rebinds
+    `os.environ` to a copy taken before, so the C-level environment (which the Rust tokenizer reads) and the original
+    mapping (held by anything that imported it, pytest's monkeypatch for one) keep `false`: with a user's `true`, the
+    rest of the process would tokenize on one thread.
+
+    On exit the original mapping is put back, and the variable set (or unset) through it, which calls
+    `putenv`/`unsetenv`.
     """
     import orca8k
 
     key = "TOKENIZERS_PARALLELISM"
-    if not enabled or key not in orca8k.ENV_DEFAULTS_APPLIED:
-        yield
-        return
-    previous = os.environ.get(key)
-    os.environ[key] = "true"
-    try:
-        yield
-    finally:
-        if previous is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = previous
-
-
-@contextlib.contextmanager
-def _environment_kept(key: str) -> Iterator[None]:
-    """Put `os.environ` and the process environment's `key` back as they were on exit.
-
-    `datasets.Dataset.map(num_proc>1)` sets `TOKENIZERS_PARALLELISM=false` for its workers, then rebinds `os.environ`
-    to a copy taken before: the C-level environment, which the Rust tokenizer reads, keeps `false`, and the original
-    mapping (held by anything that imported it, pytest's monkeypatch for one) says so too. With a user's
-    `TOKENIZERS_PARALLELISM=true`, the rest of the process would then tokenize on one thread. The original mapping
-    is put back, and `key` is set (or unset) through it, which calls `putenv`/`unsetenv`.
-    """
     mapping = os.environ
     previous = mapping.get(key)
+    if in_process and key in orca8k.ENV_DEFAULTS_APPLIED:
+        mapping[key] = "true"
     try:
         yield
     finally:
-        os.environ = mapping  # noqa: B003 -- the original mapping object back (datasets rebound the name)
+        os.environ = mapping  # noqa: B003 -- the original mapping object back (datasets rebinds the name)
         if previous is None:
             mapping.pop(key, None)
             os.unsetenv(key)  # the mapping may lack the key while the process environment holds it
@@ -487,26 +473,25 @@ def _encode_split(table: pa.Table, path: Path, encoder: ChatEncoder, max_length:
 
     work.mkdir(parents=True, exist_ok=True)
     function = EncodeBatches(encoder, max_length, str(path), prefetch=table if num_proc <= 1 else None)
-    # datasets sets TOKENIZERS_PARALLELISM=false for its workers and never puts the process environment back
-    with _environment_kept("TOKENIZERS_PARALLELISM"):
-        try:
-            # workers get the rows as a memory-mapped Arrow file (a path to pickle, not the table's bytes: their
-            # start went from 0.27-0.47 to 0.19-0.35 s on the bench's 31 M chars); in-process, the table with a
-            # given fingerprint: hashing it would pickle it through dill, whose code inspection prints a disassembly
-            # that Prefect's print capture turns into task log lines
-            copy = work / f"{split}-mix.arrow"
-            source = (Dataset.from_file(str(_arrow_file(table, copy))) if num_proc > 1
-                      else Dataset(table, fingerprint=f"orca8k-mix-{split}"))
-            encoded = source.with_format("arrow").map(
-                function, batched=True, batch_size=MAP_BATCH_ROWS, with_indices=True,
-                num_proc=num_proc if num_proc > 1 else None, remove_columns=table.column_names, features=_features(),
-                cache_file_name=str(work / f"{split}-encoded.arrow"), desc=f"tokenize {split}",
-                # a fixed fingerprint: datasets would otherwise pickle the encoder (tokenizer included) to hash it; the
-                # work folder is fresh on every run, so no stale cache can be picked up
-                new_fingerprint=f"orca8k-tokenize-{split}", load_from_cache_file=False,
-            )
-        finally:
-            function.close()
+    # workers get the rows as a memory-mapped Arrow file (a path to pickle, not the table's bytes: their start went
+    # from 0.27-0.47 to 0.19-0.35 s on the bench's 31 M chars); in-process, the table with a given fingerprint:
+    # hashing it would pickle it through dill, whose code inspection prints a disassembly that Prefect's print
+    # capture turns into task log lines
+    copy = work / f"{split}-mix.arrow" if num_proc > 1 else None
+    try:
+        source = (Dataset.from_file(str(_arrow_file(table, copy))) if copy
+                  else Dataset(table, fingerprint=f"orca8k-mix-{split}"))
+        encoded = source.with_format("arrow").map(
+            function, batched=True, batch_size=MAP_BATCH_ROWS, with_indices=True,
+            num_proc=num_proc if num_proc > 1 else None, remove_columns=table.column_names, features=_features(),
+            cache_file_name=str(work / f"{split}-encoded.arrow"), desc=f"tokenize {split}",
+            # a fixed fingerprint: datasets would otherwise pickle the encoder (tokenizer included) to hash it; the
+            # work folder is fresh on every run, so no stale cache can be picked up
+            new_fingerprint=f"orca8k-tokenize-{split}", load_from_cache_file=False,
+        )
+    finally:
+        function.close()
+        if copy:
             copy.unlink(missing_ok=True)  # an uncompressed copy of the split (a map survives the unlink on POSIX)
     encoded = encoded.with_format(None)
     flags = encoded.data.column("dropped").to_numpy(zero_copy_only=False)

@@ -137,11 +137,23 @@ class SegmentEncoder:
     """
 
     def __init__(self, tokenizer: PreTrainedTokenizerBase) -> None:
-        spec = normalised_spec(json.loads(tokenizer.backend_tokenizer.to_str()))
+        self._build(normalised_spec(json.loads(tokenizer.backend_tokenizer.to_str())))
+
+    def _build(self, spec: dict[str, Any]) -> None:
+        self._spec = spec
         self.first = _segment_tokenizer(spec, dummy_prefix=True)
         self.inner = _segment_tokenizer(spec, dummy_prefix=False)
         self.bare = _bare_tokenizer(spec) if spec_metaspace_only(spec) else None
         self.piece_chars = PIECE_CHARS if spec_newline_is_a_boundary(spec) else 0
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickled as the spec, rebuilt on load: a `tokenizers.Tokenizer` pickles through its JSON, which lacks
+        `encode_special_tokens`, so a pickled segment tokenizer would parse `</s>` or `<|assistant|>` in the text as
+        special tokens again (in `datasets.map`'s worker processes, say)."""
+        return {"spec": json.dumps(self._spec)}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self._build(json.loads(state["spec"]))
 
     def encode(self, texts: Sequence[str], *, first: bool = False) -> list[list[int]]:
         """Token ids of each text: one call into the Rust tokenizer for the whole list (two without `bare`; threads

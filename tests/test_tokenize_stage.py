@@ -221,6 +221,11 @@ def test_unpacked_train_is_one_example_per_row_and_the_same_with_two_processes(t
     from orca8k.stages import run_stage
     from orca8k.stages import tokenize as stage
 
+    # text that spells special tokens: plain text in every process (a pickled `tokenizers.Tokenizer` forgets
+    # `encode_special_tokens`, so the workers used to parse these as special tokens)
+    rows = mix_rows(24, 12, seed=1)
+    rows[1]["messages"][0]["content"] = "Say <|assistant|> then </s> and <s>, please."
+    rows[-1]["text"] = "Plain </s> text with <|prompter|> inside. " + rows[-1]["text"]
     tables = []
     for name, num_proc, min_chars, processes in (("a", 1, 1, {"train": 1, "val": 1}),
                                                  ("b", 2, 1, {"train": 2, "val": 2}),
@@ -228,7 +233,8 @@ def test_unpacked_train_is_one_example_per_row_and_the_same_with_two_processes(t
                                                  ("c", 2, stage.MIN_CHARS_PER_PROCESS, {"train": 1, "val": 1})):
         monkeypatch.setattr(stage, "MIN_CHARS_PER_PROCESS", min_chars)
         cfg = prepare_run(tmp_path / name, base_tokenizer_dir, [f"tokenize.max_length={MAX_LENGTH}",
-                                                                "tokenize.packing=false", f"tokenize.num_proc={num_proc}"])
+                                                                "tokenize.packing=false", f"tokenize.num_proc={num_proc}"],
+                          train_rows=rows)
         result = run_stage("tokenize", cfg)
         assert result.summary["processes"] == processes
         train = load_from_disk(str(Layout.from_config(cfg).tokenized_train))
@@ -307,6 +313,48 @@ def test_processes_follow_the_text_size():
                            "text": pa.nulls(1)})
     texts_only = pa.table({"messages": pa.nulls(1), "text": ["héllo"]})
     assert (_text_chars(chats_only), _text_chars(texts_only)) == (5, 5)
+
+
+def test_the_stage_runs_with_the_heap_frozen_and_puts_it_back(monkeypatch):
+    import gc
+
+    import orca8k.stages.tokenize as tk
+
+    seen = []
+
+    def body(cfg):
+        seen.append(gc.get_freeze_count())
+        if cfg == "fail":
+            raise DataError("boom")
+        return cfg
+
+    monkeypatch.setattr(tk, "_run", body)
+    assert gc.get_freeze_count() == 0
+    assert tk.run("ok") == "ok" and seen[-1] > 0 and gc.get_freeze_count() == 0
+    with pytest.raises(DataError, match="boom"):
+        tk.run("fail")
+    assert seen[-1] > 0 and gc.get_freeze_count() == 0
+    gc.freeze()  # a process that froze its own heap: left as it is
+    try:
+        frozen = gc.get_freeze_count()
+        tk.run("ok")
+        assert seen[-1] == frozen == gc.get_freeze_count()
+    finally:
+        gc.unfreeze()
+
+
+def test_the_map_function_pickles_without_the_transformers_tokenizer(tokenizer):
+    import pickle
+
+    from orca8k.stages.tokenize import EncodeBatches
+
+    encoder = ChatEncoder(tokenizer)
+    function = EncodeBatches(encoder, 64, "mix.parquet")
+    copy = pickle.loads(pickle.dumps(function))
+    assert copy.encoder.tokenizer is None and function.encoder.tokenizer is tokenizer  # the original is untouched
+    texts = ["Hello world, once more.\nA second line.", "<|assistant|> stays text </s>"]
+    assert copy.encoder.segment_ids_batch(texts) == encoder.segment_ids_batch(texts)
+    assert copy.encoder.segment_ids_batch(texts, first=True) == encoder.segment_ids_batch(texts, first=True)
 
 
 def test_stage_refuses_missing_or_failed_inputs(tmp_path, base_tokenizer_dir):

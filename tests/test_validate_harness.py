@@ -156,3 +156,34 @@ def test_names_are_checked():
         Batch("a/b", Suite("s", (check,)), _frame([1]))
     with pytest.raises(ValueError, match="duplicate batch names"):
         run_validation([Batch("a", Suite("s", (check,)), _frame([1]))] * 2, run_name="t", data_docs_dir=None)
+
+
+def test_basic_format_first_and_summary_only_for_a_failing_batch(monkeypatch):
+    """A passing batch runs once (BASIC); a failing one again with SUMMARY and its id column. The result JSON equals
+    the one of SUMMARY alone, passing and failing batches alike."""
+    import great_expectations as gx
+
+    import orca8k.validation.harness as harness
+
+    def run(formats: list | None = None, summary_only: bool = False):
+        real_run, real_format = gx.ValidationDefinition.run, harness._result_format
+
+        def spy(self, **kwargs):
+            formats.append((self.name, kwargs["result_format"]["result_format"],
+                            kwargs["result_format"].get("unexpected_index_column_names")))
+            return real_run(self, **kwargs)
+
+        with monkeypatch.context() as m:
+            if formats is not None:
+                m.setattr(gx.ValidationDefinition, "run", spy)
+            if summary_only:
+                m.setattr(harness, "_result_format", lambda failed, batch, n: real_format(True, batch, n))
+            batches = [Batch("good", _suite(), _frame([1, 2])), Batch("bad", _suite(), _frame([1, 0, -1]))]
+            report = run_validation(batches, run_name="t", data_docs_dir=None, max_examples=2)
+        return report.to_json_dict()
+
+    formats: list = []
+    two_pass = run(formats)
+    assert formats == [("good", "BASIC", None), ("bad", "BASIC", None), ("bad", "SUMMARY", ["id"])]
+    assert json.dumps(two_pass, sort_keys=True) == json.dumps(run(summary_only=True), sort_keys=True)
+    assert [f["examples"] for f in two_pass["failures"]] == [[{"x": 0, "id": "row1"}, {"x": -1, "id": "row2"}]]

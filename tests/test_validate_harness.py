@@ -187,3 +187,45 @@ def test_basic_format_first_and_summary_only_for_a_failing_batch(monkeypatch):
     assert formats == [("good", "BASIC", None), ("bad", "BASIC", None), ("bad", "SUMMARY", ["id"])]
     assert json.dumps(two_pass, sort_keys=True) == json.dumps(run(summary_only=True), sort_keys=True)
     assert [f["examples"] for f in two_pass["failures"]] == [[{"x": 0, "id": "row1"}, {"x": -1, "id": "row2"}]]
+
+
+def test_data_docs_compile_each_template_once_and_render_the_same_pages(tmp_path, monkeypatch):
+    """The site's views share one Jinja bytecode cache per build: each template is compiled once, and the pages
+    (custom styles included) are the ones the views render without it."""
+    import re
+
+    import jinja2
+
+    import orca8k.validation.harness as harness
+
+    compiled: list[str] = []
+    real_compile = jinja2.Environment.compile
+
+    def spy(self, source, name=None, *args, **kwargs):
+        if name is not None:  # a template file (GX also compiles strings, which no cache keeps)
+            compiled.append(name)
+        return real_compile(self, source, name, *args, **kwargs)
+
+    monkeypatch.setattr(jinja2.Environment, "compile", spy)
+
+    def build(folder: str) -> dict[str, str]:
+        compiled.clear()
+        batches = [Batch("good", _suite(), _frame([1, 2])), Batch("bad", _suite(), _frame([1, 0]))]
+        run_validation(batches, run_name="t", data_docs_dir=tmp_path / folder)
+        pages = {}
+        for page in sorted((tmp_path / folder).rglob("*.html")):
+            key = re.sub(r"/\d{8}T\d{6}\.\d+Z/", "/<time>/", page.relative_to(tmp_path / folder).as_posix())
+            text = re.sub(r"\d{8}T\d{6}\.\d+Z|\d{4}-\d{2}-\d{2}[T ][\d:.]+(\+00:00|Z)?|_run_time_sort.: [\d.]+|"
+                          r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}", "", page.read_text())
+            pages[key] = text
+        return pages
+
+    shared = build("shared")
+    once = list(compiled)
+    assert once and len(once) == len(set(once))  # each template once per build
+    assert build("again") == shared and sorted(compiled) == sorted(once)  # emptied per build: compiled again
+    monkeypatch.setattr(harness._data_docs_views()["cache"], "dump_bytecode", lambda bucket: None)  # no sharing
+    alone = build("alone")
+    assert len(compiled) > len(set(compiled)) == len(once)
+    assert alone == shared and len(shared) == 4  # the index, the suite, the two batches' results
+    assert all("orca8k: inlined" in text for text in shared.values())  # the custom styles on every page

@@ -18,6 +18,7 @@ pre-tokenizer (`SegmentEncoder.bare`): the same ids, without the Rust side's per
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
@@ -129,8 +130,8 @@ class SegmentEncoder:
         tokenizer: a non-legacy Llama tokenizer (`orca8k.model.tokenizer.prepare_tokenizer`).
 
     Attributes:
-        first: `tokenizers.Tokenizer` for text at the start of a sequence (`▁` dummy prefix).
-        inner: `tokenizers.Tokenizer` for text after a special token (no dummy prefix).
+        first: `tokenizers.Tokenizer` for text at the start of a sequence (`▁` dummy prefix); built on first use.
+        inner: `tokenizers.Tokenizer` for text after a special token (no dummy prefix); built on first use.
         bare: a tokenizer without normalizer and pre-tokenizer when `spec_metaspace_only` holds (then `encode`
             uses it for both kinds), else None.
         piece_chars: piece size for long texts; 0 when the vocabulary does not allow cutting after newlines.
@@ -141,10 +142,16 @@ class SegmentEncoder:
 
     def _build(self, spec: dict[str, Any]) -> None:
         self._spec = spec
-        self.first = _segment_tokenizer(spec, dummy_prefix=True)
-        self.inner = _segment_tokenizer(spec, dummy_prefix=False)
         self.bare = _bare_tokenizer(spec) if spec_metaspace_only(spec) else None
         self.piece_chars = PIECE_CHARS if spec_newline_is_a_boundary(spec) else 0
+
+    @functools.cached_property
+    def first(self) -> Any:
+        return _segment_tokenizer(self._spec, dummy_prefix=True)  # built on first use: unused when `bare` exists
+
+    @functools.cached_property
+    def inner(self) -> Any:
+        return _segment_tokenizer(self._spec, dummy_prefix=False)
 
     def __getstate__(self) -> dict[str, Any]:
         """Pickled as the spec, rebuilt on load: a `tokenizers.Tokenizer` pickles through its JSON, which lacks

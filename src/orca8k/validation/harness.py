@@ -179,6 +179,65 @@ class _Run:
     pages: dict[str, str] = field(default_factory=dict)
 
 
+_VIEWS: dict[str, Any] = {}  # `_data_docs_views()`, made on first use
+
+
+def __getattr__(name: str) -> Any:
+    """`PageView`, `IndexPageView`: the site's views, named in its config for GX's `instantiate_class_from_config`
+    (made on first use: GX is imported lazily)."""
+    if name in ("PageView", "IndexPageView"):
+        return _data_docs_views()[name]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def _data_docs_views() -> dict[str, Any]:
+    """GX's Data Docs page views (`DefaultJinjaPageView`, `DefaultJinjaIndexPageView`) sharing one Jinja bytecode
+    cache (`"cache"`), which `run_validation` empties before each build.
+
+    GX gives each view of a site (the expectations, validations and profiling sections, the index) its own Jinja
+    environment, so every template was compiled once per view: 54 compiles per token-suite build. With the shared
+    cache each is compiled once per build and loaded from its code after (the token suite's build: 0.22 → 0.16 s);
+    emptied per build, it costs the same in a fresh process as in a long-lived one.
+    """
+    if _VIEWS:
+        return _VIEWS
+    import jinja2
+    from great_expectations.render.view import DefaultJinjaIndexPageView, DefaultJinjaPageView
+
+    class TemplateCache(jinja2.BytecodeCache):
+        def __init__(self) -> None:
+            self.code: dict[str, bytes] = {}
+
+        def load_bytecode(self, bucket: jinja2.bccache.Bucket) -> None:
+            if bucket.key in self.code:
+                bucket.bytecode_from_string(self.code[bucket.key])  # Jinja checks the template source's checksum
+
+        def dump_bytecode(self, bucket: jinja2.bccache.Bucket) -> None:
+            self.code[bucket.key] = bucket.bytecode_to_string()
+
+        def clear(self) -> None:
+            self.code.clear()
+
+    cache = TemplateCache()
+
+    class PageView(DefaultJinjaPageView):
+        # named parameters: GX's `instantiate_class_from_config` passes only those the signature names
+        def __init__(self, custom_styles_directory: str | None = None, custom_views_directory: str | None = None
+                     ) -> None:
+            super().__init__(custom_styles_directory, custom_views_directory)
+            self.env.bytecode_cache = cache
+
+    class IndexPageView(DefaultJinjaIndexPageView):
+        # named parameters: GX's `instantiate_class_from_config` passes only those the signature names
+        def __init__(self, custom_styles_directory: str | None = None, custom_views_directory: str | None = None
+                     ) -> None:
+            super().__init__(custom_styles_directory, custom_views_directory)
+            self.env.bytecode_cache = cache
+
+    _VIEWS.update(PageView=PageView, IndexPageView=IndexPageView, cache=cache)
+    return _VIEWS
+
+
 def _gx_context(data_docs_dir: Path | None) -> Any:
     """An ephemeral GX context: in-memory stores, no analytics or progress bars, one filesystem Data Docs site."""
     os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
@@ -193,7 +252,11 @@ def _gx_context(data_docs_dir: Path | None) -> Any:
     if data_docs_dir is not None:
         sites[SITE_NAME] = {
             "class_name": "SiteBuilder",
-            "site_index_builder": {"class_name": "DefaultSiteIndexBuilder"},
+            # GX's default sections and views, the views sharing compiled templates (`_data_docs_views`)
+            "site_section_builders": {section: {"view": {"module_name": __name__, "class_name": "PageView"}}
+                                      for section in ("expectations", "validations", "profiling")},
+            "site_index_builder": {"class_name": "DefaultSiteIndexBuilder",
+                                   "view": {"module_name": __name__, "class_name": "IndexPageView"}},
             "store_backend": {"class_name": "TupleFilesystemStoreBackend", "base_directory": str(data_docs_dir)},
         }
     config = DataContextConfig(
@@ -386,6 +449,7 @@ def run_validation(
     index = None
     if data_docs_dir is not None:
         start = time.perf_counter()
+        _data_docs_views()["cache"].clear()  # templates compiled once per build
         ctx.build_data_docs(site_names=[SITE_NAME])
         timings["data_docs_seconds"] = time.perf_counter() - start
         index = data_docs_dir / "index.html"

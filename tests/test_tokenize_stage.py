@@ -315,30 +315,34 @@ def test_processes_follow_the_text_size():
     assert (_text_chars(chats_only), _text_chars(texts_only)) == (5, 5)
 
 
-def test_the_stage_runs_with_the_heap_frozen_and_puts_it_back(monkeypatch):
+def test_the_stage_runs_with_the_heap_frozen_and_a_short_switch_interval_and_puts_both_back(monkeypatch):
     import gc
+    import sys
 
     import orca8k.stages.tokenize as tk
 
     seen = []
 
     def body(cfg):
-        seen.append(gc.get_freeze_count())
+        seen.append((gc.get_freeze_count(), sys.getswitchinterval()))
         if cfg == "fail":
             raise DataError("boom")
         return cfg
 
     monkeypatch.setattr(tk, "_run", body)
-    assert gc.get_freeze_count() == 0
-    assert tk.run("ok") == "ok" and seen[-1] > 0 and gc.get_freeze_count() == 0
+    interval = sys.getswitchinterval()
+    assert gc.get_freeze_count() == 0 and interval != tk.SWITCH_INTERVAL
+    assert tk.run("ok") == "ok"
+    assert seen[-1][0] > 0 and seen[-1][1] == tk.SWITCH_INTERVAL
+    assert (gc.get_freeze_count(), sys.getswitchinterval()) == (0, interval)
     with pytest.raises(DataError, match="boom"):
         tk.run("fail")
-    assert seen[-1] > 0 and gc.get_freeze_count() == 0
+    assert seen[-1][0] > 0 and (gc.get_freeze_count(), sys.getswitchinterval()) == (0, interval)
     gc.freeze()  # a process that froze its own heap: left as it is
     try:
         frozen = gc.get_freeze_count()
         tk.run("ok")
-        assert seen[-1] == frozen == gc.get_freeze_count()
+        assert seen[-1][0] == frozen == gc.get_freeze_count()
     finally:
         gc.unfreeze()
 

@@ -758,7 +758,9 @@ def _metrics(cfg: Config, stats: dict[str, pd.DataFrame], counts: dict[str, dict
     out: dict[str, Any] = {"max_length": t.max_length, "packing": t.packing,
                            "packing_strategy": t.packed_by, "tokenizer": vocab}
     for split in SPLITS:
-        df, mix_rows = stats[split], counts[split]["mix_rows"]
+        # the columns `_rates` reads (filtering the Arrow-backed frame copies every column it keeps)
+        df = stats[split][["source", "row_id", "parts", "num_tokens", "supervised_tokens", "cut_tokens"]]
+        mix_rows = counts[split]["mix_rows"]
         drops = [d for d in dropped if d["split"] == split]
         entry = _rates(df, sum(mix_rows.values()), len(drops))
         entry["rows"] = counts[split]["rows"]
@@ -767,7 +769,7 @@ def _metrics(cfg: Config, stats: dict[str, pd.DataFrame], counts: dict[str, dict
         entry["sources"] = {
             source: _rates(df[df["source"] == source], mix_rows.get(source, 0),
                            sum(1 for d in drops if d["source"] == source))
-            for source in sorted(set(mix_rows) | set(df["source"]))
+            for source in sorted(set(mix_rows) | set(df["source"].unique()))
         }
         out[split] = entry
     return out

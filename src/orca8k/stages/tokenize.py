@@ -24,7 +24,8 @@ Packing plans bins per shard of examples so memory stays bounded by the shard, n
 the token suite checks the examples. The suite's packed batches come last and wait for the packed rows' statistics,
 which the thread hands over before it writes and saves the last shard (the run id hashes the plan for them:
 `orca8k.validation.harness`, deferred batches). `phase_seconds` in the summary are per phase; the packing thread's
-(`pack`, `save_packed`) overlap the others.
+(`pack`, `save_packed`) overlap the others. The stage runs with the heap it found frozen (`_frozen_heap`) and a 1 ms
+thread switch interval (`_switch_interval`), both put back when it ends.
 """
 
 from __future__ import annotations

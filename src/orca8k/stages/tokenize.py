@@ -228,8 +228,8 @@ def _switch_interval(seconds: float) -> Iterator[None]:
     was. The stage's threads wait on each other: `datasets.map`'s pool threads and its polling main thread pass the
     workers' messages along, and the packing thread's Arrow writes give the GIL up and take it back at every batch
     while the main thread runs the token suite's Python. At the default 5 ms each hand-over can wait a full interval;
-    at 1 ms the bench's stage took 0.06-0.1 s less (median of 6 runs, twice each way: `encode_train` and the packing
-    thread's `save_packed` shrink)."""
+    at 1 ms the stage took 0.06-0.1 s less on `benchmarks/bench_tokenize.py`'s text (median of 6 runs, twice each way:
+    `encode_train` and the packing thread's `save_packed` shrink)."""
     import sys
 
     previous = sys.getswitchinterval()

@@ -46,6 +46,7 @@ import json
 import os
 import resource
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -112,9 +113,7 @@ def children_cpu() -> float:
 
 
 def median(values: list[float]) -> float:
-    ordered = sorted(values)
-    mid = len(ordered) // 2
-    return ordered[mid] if len(ordered) % 2 else round((ordered[mid - 1] + ordered[mid]) / 2, 3)
+    return round(statistics.median(values), 3)
 
 
 def label(num_proc: int | None, cfg) -> str:

@@ -134,6 +134,7 @@ def _run(cfg: Config) -> StageResult:
                 else:
                     table = _read_mix(path, split)
                 num_proc = processes_for(_text_chars(table), t.num_proc)
+                mix_rows = _mix_rows(table)
             with timer(f"encode_{split}"), _rust_threads(num_proc == 1):
                 examples, dropped = _encode_split(table, path, encoder, t.max_length, num_proc, layout.tokenize_work,
                                                   split)
@@ -163,7 +164,7 @@ def _run(cfg: Config) -> StageResult:
                 with timer("save"):
                     examples.save_to_disk(str(out))
                 counts[split] = {"rows": len(examples)}
-            counts[split]["mix_rows"] = _mix_rows(path)
+            counts[split]["mix_rows"] = mix_rows
             del examples
         layout.tokenize_dropped.write_text("".join(dropped_lines), encoding="utf-8")
         vocab = {"vocab_size": len(tokenizer),
@@ -308,11 +309,11 @@ def _base_dir(cfg: Config) -> Path:
     return Path(resolve_base(cfg))
 
 
-def _mix_rows(path: Path) -> dict[str, int]:
+def _mix_rows(table: pa.Table) -> dict[str, int]:
+    """Rows per source of a mix split (`_read_mix`'s table)."""
     import pyarrow.compute as pc
-    import pyarrow.parquet as pq
 
-    counts = pc.value_counts(pq.read_table(path, columns=["source"]).column("source").combine_chunks())
+    counts = pc.value_counts(table.column("source").combine_chunks())
     return {str(c["values"]): int(c["counts"]) for c in counts.to_pylist()}
 
 
@@ -537,9 +538,9 @@ def _encode_split(table: pa.Table, path: Path, encoder: ChatEncoder, max_length:
     # from 0.27-0.47 to 0.19-0.35 s on the bench's 31 M chars); in-process, the table with a given fingerprint:
     # hashing it would pickle it through dill, whose code inspection prints a disassembly that Prefect's print
     # capture turns into task log lines
-    copy = work / f"{split}-mix.arrow" if num_proc > 1 else None
+    arrow_copy = work / f"{split}-mix.arrow" if num_proc > 1 else None
     try:
-        source = (Dataset.from_file(str(_arrow_file(table, copy))) if copy
+        source = (Dataset.from_file(str(_arrow_file(table, arrow_copy))) if arrow_copy
                   else Dataset(table, fingerprint=f"orca8k-mix-{split}"))
         encoded = source.with_format("arrow").map(
             function, batched=True, batch_size=MAP_BATCH_ROWS, with_indices=True,
@@ -551,8 +552,8 @@ def _encode_split(table: pa.Table, path: Path, encoder: ChatEncoder, max_length:
         )
     finally:
         function.close()
-        if copy:
-            copy.unlink(missing_ok=True)  # an uncompressed copy of the split (a map survives the unlink on POSIX)
+        if arrow_copy:
+            arrow_copy.unlink(missing_ok=True)  # an uncompressed copy of the split (a map survives the unlink on POSIX)
     encoded = encoded.with_format(None)
     flags = encoded.data.column("dropped").to_numpy(zero_copy_only=False)
     dropped_rows = encoded.select(np.flatnonzero(flags)).to_list() if flags.any() else []

@@ -220,19 +220,18 @@ def _data_docs_views() -> dict[str, Any]:
 
     cache = TemplateCache()
 
-    class PageView(DefaultJinjaPageView):
+    class SharedTemplates:
         # named parameters: GX's `instantiate_class_from_config` passes only those the signature names
         def __init__(self, custom_styles_directory: str | None = None, custom_views_directory: str | None = None
                      ) -> None:
-            super().__init__(custom_styles_directory, custom_views_directory)
-            self.env.bytecode_cache = cache
+            super().__init__(custom_styles_directory, custom_views_directory)  # type: ignore[call-arg]
+            self.env.bytecode_cache = cache  # type: ignore[attr-defined]
 
-    class IndexPageView(DefaultJinjaIndexPageView):
-        # named parameters: GX's `instantiate_class_from_config` passes only those the signature names
-        def __init__(self, custom_styles_directory: str | None = None, custom_views_directory: str | None = None
-                     ) -> None:
-            super().__init__(custom_styles_directory, custom_views_directory)
-            self.env.bytecode_cache = cache
+    class PageView(SharedTemplates, DefaultJinjaPageView):
+        pass
+
+    class IndexPageView(SharedTemplates, DefaultJinjaIndexPageView):
+        pass
 
     _VIEWS.update(PageView=PageView, IndexPageView=IndexPageView, cache=cache)
     return _VIEWS
